@@ -1,0 +1,28 @@
+"""MetricsCollector: the Ray actor that holds the cluster-wide MetricsLedger.
+
+Ingress replicas send it batches fire-and-forget; the controller reads a window to judge it.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
+from serve_canary.routing import Arm
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class MetricsCollector:
+    def __init__(self) -> None:
+        self._ledger = MetricsLedger()
+
+    def record(self, records: list[RequestRecord]) -> None:
+        self._ledger.add(records)
+
+    def window(self, window: str) -> dict[Arm, ArmAggregate]:
+        return self._ledger.window(window)
+
+    def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict | None:
+        """Attribute feedback to the arm that served the request; None when the id is unknown."""
+        attribution = self._ledger.add_feedback(request_id, rating, hallucination)
+        return None if attribution is None else {"arm": attribution.arm, "version": attribution.version}

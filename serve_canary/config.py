@@ -1,0 +1,142 @@
+"""The application arguments: one pydantic schema, checked when `serve run` builds the app.
+
+Every bad value fails with a `ConfigError` whose lines name the key (dotted path) and what
+is allowed, so a typo in a Serve config file never reaches a replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad application argument; the message names each offending key."""
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArmConfig(_Schema):
+    """One model version the ingress can route to."""
+
+    version: str = Field(min_length=1)
+    engine: Literal["simulated", "vllm"]
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoutingConfig(_Schema):
+    """How a request is turned into a routing key, and how keys are hashed."""
+
+    key_headers: tuple[str, ...] = ("x-user-id", "x-session-id")
+    salt: str | None = Field(default=None, description="None: the rollout id (a fresh cohort per rollout)")
+
+    @field_validator("key_headers")
+    @classmethod
+    def _lowercase(cls, headers: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in headers)
+
+
+class PhaseConfig(_Schema):
+    """One step of the rollout: a canary weight held for a minimum time and traffic."""
+
+    name: str = Field(min_length=1)
+    weight: float = Field(ge=0.0, le=1.0)
+    min_duration_s: float = Field(default=0.0, ge=0.0)
+    min_requests: int = Field(default=100, ge=1)
+    approval: bool = Field(default=False, description="a human must approve entering this phase")
+
+
+DEFAULT_PHASES = (
+    PhaseConfig(name="init", weight=0.05, min_duration_s=600),
+    PhaseConfig(name="early", weight=0.20, min_duration_s=1800),
+    PhaseConfig(name="progress", weight=0.50, min_duration_s=3600),
+    PhaseConfig(name="full", weight=1.0, approval=True),
+)
+
+
+class RolloutConfig(_Schema):
+    """The phase plan and how often it is evaluated."""
+
+    interval_s: float = Field(default=10.0, gt=0.0)
+    phases: tuple[PhaseConfig, ...] = DEFAULT_PHASES
+    auto_rollback: bool = True
+
+    @field_validator("phases")
+    @classmethod
+    def _phases_increase_to_full(cls, phases: tuple[PhaseConfig, ...]) -> tuple[PhaseConfig, ...]:
+        if len(phases) < 2:
+            raise ValueError("needs at least two phases: one or more partial weights, then 1.0")
+        weights = [p.weight for p in phases]
+        if any(b <= a for a, b in zip(weights, weights[1:])):
+            raise ValueError(f"weights must strictly increase, got {weights}")
+        if weights[0] <= 0.0:
+            raise ValueError("the first phase's weight must be above 0")
+        if weights[-1] != 1.0:
+            raise ValueError(f"the last phase's weight must be 1.0 (full rollout), got {weights[-1]}")
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        if phases[0].approval:
+            raise ValueError("the first phase cannot require approval: deploying is the approval")
+        return phases
+
+
+class HealthConfig(_Schema):
+    """What makes a canary unhealthy: absolute limits and per-metric relative tolerances."""
+
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_latency_ms: float = Field(default=2000.0, gt=0.0, description="p95 end-to-end latency")
+    max_ttft_ms: float = Field(default=1000.0, gt=0.0, description="p95 time to first token")
+    max_error_rate_increase: float = Field(default=1.5, ge=1.0)
+    max_latency_increase: float = Field(default=1.5, ge=1.0)
+    max_ttft_increase: float = Field(default=1.5, ge=1.0)
+
+
+class CanaryConfig(_Schema):
+    """Everything `build_app` needs: the two arms, routing, the rollout plan and health."""
+
+    model_name: str = Field(min_length=1)
+    stable: ArmConfig
+    canary: ArmConfig
+    routing: RoutingConfig = RoutingConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    health: HealthConfig = HealthConfig()
+    failover: bool = Field(default=True, description="retry on stable when the canary fails before its first token")
+    state_store: str = Field(default="gcs", description="'gcs' (Ray's GCS key-value store) or 'file:///abs/path'")
+
+    @field_validator("state_store")
+    @classmethod
+    def _known_store(cls, uri: str) -> str:
+        if uri != "gcs" and not uri.startswith("file:///"):
+            raise ValueError(f"must be 'gcs' or 'file:///absolute/path', got {uri!r}")
+        return uri
+
+    @model_validator(mode="after")
+    def _distinct_versions(self) -> CanaryConfig:
+        if self.stable.version == self.canary.version:
+            raise ValueError(
+                f"stable.version and canary.version must differ, both are {self.stable.version!r}"
+            )
+        return self
+
+
+def parse_config(args: dict[str, Any]) -> CanaryConfig:
+    """Validate application args; raise ConfigError listing every bad key."""
+    try:
+        return CanaryConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> str:
+    """One line per error: dotted key, what is allowed, and what was given."""
+    lines = ["invalid serve-canary config:"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "") or "(root)"
+        message = err["msg"].removeprefix("Value error, ")
+        given = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
+        lines.append(f"  {key}: {message}{given}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""What happened to each request, and the per-window, per-arm aggregates the judge reads.
+
+Pure: the ingress builds `RequestRecord`s, the collector actor feeds them to a `MetricsLedger`.
+Latencies are kept in bounded reservoirs (uniform samples), good for quantiles and for the
+judge's tests, with memory that does not grow with traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from serve_canary.routing import ARMS, Arm
+
+RESERVOIR_SIZE = 4096
+ATTRIBUTION_CAPACITY = 100_000
+
+
+class RequestRecord(NamedTuple):
+    """One finished request as the ingress saw it (times in seconds)."""
+
+    request_id: str
+    window: str
+    arm: Arm
+    version: str
+    outcome: str  # "ok" | "error" | "cancelled"
+    error_kind: str | None  # "before_first_token" | "midstream"
+    ttft_s: float | None
+    itl_s: float | None  # mean gap between chunks' tokens, None below two tokens
+    e2e_s: float
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    canary_weight: float  # the canary's traffic share when the request was routed
+
+
+class Reservoir:
+    """A uniform sample of at most `capacity` values from a stream (Vitter's algorithm R)."""
+
+    def __init__(self, capacity: int = RESERVOIR_SIZE, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.values: list[float] = []
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.capacity:
+            self.values.append(value)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.capacity:
+            self.values[slot] = value
+
+    def quantile(self, q: float) -> float | None:
+        return quantile(self.values, q)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated quantile (numpy's default); None for no data."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass
+class ArmAggregate:
+    """Everything measured for one arm in one window."""
+
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    finish_reasons: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_s: Reservoir = field(default_factory=Reservoir)
+    itl_s: Reservoir = field(default_factory=Reservoir)
+    e2e_s: Reservoir = field(default_factory=Reservoir)
+    ratings: int = 0
+    rating_sum: float = 0.0
+    hallucinations: int = 0
+
+    def add(self, record: RequestRecord) -> None:
+        if record.outcome == "cancelled":
+            self.cancelled += 1
+            return
+        self.requests += 1
+        self.prompt_tokens += record.prompt_tokens
+        self.output_tokens += record.output_tokens
+        if record.outcome == "error":
+            self.errors += 1
+            self.error_kinds[record.error_kind or "unknown"] += 1
+            return
+        self.finish_reasons[record.finish_reason or "unknown"] += 1
+        self.e2e_s.add(record.e2e_s)
+        if record.ttft_s is not None:
+            self.ttft_s.add(record.ttft_s)
+        if record.itl_s is not None:
+            self.itl_s.add(record.itl_s)
+
+    def add_feedback(self, rating: float | None, hallucination: bool | None) -> None:
+        if rating is not None:
+            self.ratings += 1
+            self.rating_sum += rating
+        if hallucination:
+            self.hallucinations += 1
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    def summary(self) -> dict:
+        """The figures `status` shows, in milliseconds."""
+
+        def ms(reservoir: Reservoir, q: float) -> float | None:
+            value = reservoir.quantile(q)
+            return None if value is None else round(value * 1000.0, 3)
+
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "error_kinds": dict(self.error_kinds),
+            "ttft_ms": {f"p{int(q * 100)}": ms(self.ttft_s, q) for q in (0.5, 0.95, 0.99)},
+            "itl_ms": {f"p{int(q * 100)}": ms(self.itl_s, q) for q in (0.5, 0.95, 0.99)},
+            "e2e_ms": {f"p{int(q * 100)}": ms(self.e2e_s, q) for q in (0.5, 0.95, 0.99)},
+            "output_tokens": self.output_tokens,
+            "mean_rating": self.rating_sum / self.ratings if self.ratings else None,
+            "hallucinations": self.hallucinations,
+        }
+
+
+@dataclass(frozen=True)
+class Attribution:
+    window: str
+    arm: Arm
+    version: str
+
+
+class MetricsLedger:
+    """Aggregates per (window, arm) and remembers which arm served recent request ids."""
+
+    def __init__(self, attribution_capacity: int = ATTRIBUTION_CAPACITY) -> None:
+        self._windows: dict[str, dict[Arm, ArmAggregate]] = {}
+        self._served_by: OrderedDict[str, Attribution] = OrderedDict()
+        self._capacity = attribution_capacity
+
+    def window(self, window: str) -> dict[Arm, ArmAggregate]:
+        if window not in self._windows:
+            self._windows[window] = {arm: ArmAggregate() for arm in ARMS}
+        return self._windows[window]
+
+    def add(self, records: list[RequestRecord]) -> None:
+        for record in records:
+            self.window(record.window)[record.arm].add(record)
+            self._served_by[record.request_id] = Attribution(record.window, record.arm, record.version)
+        while len(self._served_by) > self._capacity:
+            self._served_by.popitem(last=False)
+
+    def add_feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> Attribution | None:
+        """Attribute feedback to the arm that served `request_id`; None if it is unknown."""
+        attribution = self._served_by.get(request_id)
+        if attribution is not None:
+            self.window(attribution.window)[attribution.arm].add_feedback(rating, hallucination)
+        return attribution
