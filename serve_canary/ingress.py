@@ -20,6 +20,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -110,6 +111,7 @@ class CanaryIngress:
         }
         context = serve.get_replica_context()
         self._replica_id = context.replica_id.unique_id
+        self._actor_id = ray.get_runtime_context().get_actor_id()
         controller, self._collector = start_actors(context.app_name, self._config)
         self._controller = ControllerClient(controller)
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
@@ -238,7 +240,7 @@ class CanaryIngress:
     async def status(self) -> dict[str, Any]:
         """The rollout status, plus which table this replica routes by."""
         status = await self._controller.status()
-        status["replica"] = {"id": self._replica_id, "table_version": self._table.version, "canary_weight": self._table.canary_weight}
+        status["replica"] = {"id": self._replica_id, "actor_id": self._actor_id, "table_version": self._table.version, "canary_weight": self._table.canary_weight}
         return status
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""One real local Ray cluster and one Serve instance per test session; each test deploys its
+own application from a config dict, exactly as `serve run CONFIG` would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema
+
+from serve_canary.controller import NAMESPACE, collector_name, controller_name
+
+ADMIN_TOKEN = "test-admin-token"
+FAST_PHASES = [
+    {"name": "init", "weight": 0.05, "min_duration_s": 1.0, "min_requests": 20},
+    {"name": "early", "weight": 0.20, "min_duration_s": 1.0, "min_requests": 20},
+    {"name": "progress", "weight": 0.50, "min_duration_s": 1.0, "min_requests": 20},
+    {"name": "full", "weight": 1.0, "approval": True},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[dict[str, Any]]:
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["SERVE_CANARY_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas inherit the driver's environment
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"port": port, "gcs_address": context.address_info["gcs_address"]}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def app_args(canary_engine: dict | None = None, stable_engine: dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """Application args with fast simulated engines and phases compressed to seconds."""
+    fast = {"ttft_ms": 5, "itl_ms": 1, "output_tokens": 8, "jitter": 0.1}
+    args: dict[str, Any] = {
+        "model_name": "test-llm",
+        "stable": {"version": "v1", "engine": "simulated", "engine_args": {**fast, "seed": 1, **(stable_engine or {})}},
+        "canary": {"version": "v2", "engine": "simulated", "engine_args": {**fast, "seed": 2, **(canary_engine or {})}},
+        "rollout": {"interval_s": 0.5, "phases": FAST_PHASES},
+    }
+    args.update(overrides)
+    return args
+
+
+class App:
+    """A deployed serve-canary application under test."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}/{name}"
+        self.handle = serve.get_app_handle(name)
+        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def chat(self, user: str | None = None, **body: Any) -> httpx.Response:
+        headers = {"x-user-id": user} if user else {}
+        payload = {"model": "test-llm", "messages": [{"role": "user", "content": "hello canary"}], **body}
+        return self.http.post("/v1/chat/completions", json=payload, headers=headers)
+
+    def status(self) -> dict[str, Any]:
+        return self.handle.status.remote().result()
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, f"/-/canary/{path}", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, **kwargs)
+
+    @property
+    def controller(self) -> ray.actor.ActorHandle:
+        return ray.get_actor(controller_name(self.name), namespace=NAMESPACE)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture
+def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
+    """Deploy apps through Serve's config path (the `deployments:` overrides included)."""
+    deployed: list[str] = []
+
+    def _deploy(args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None) -> App:
+        name = f"t{uuid.uuid4().hex[:8]}"
+        ingress: dict[str, Any] = {"name": "CanaryIngress", "num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
+        if ingress_env is not None:
+            ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
+        config = ServeDeploySchema.model_validate({
+            "http_options": {"host": "127.0.0.1", "port": cluster["port"]},
+            "applications": [{
+                "name": name,
+                "route_prefix": f"/{name}",
+                "import_path": "serve_canary.app:build_app",
+                "args": args,
+                "deployments": [ingress, {"name": "stable", "ray_actor_options": {"num_cpus": 0}}, {"name": "canary", "ray_actor_options": {"num_cpus": 0}}],
+            }],
+        })
+        _get_global_client().deploy_apps(config, _blocking=True)
+        deployed.append(name)
+        return App(name, cluster["port"])
+
+    yield _deploy
+    for name in deployed:
+        serve.delete(name)
+        for actor in (controller_name(name), collector_name(name)):
+            try:
+                ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+
+
+@contextlib.contextmanager
+def background_traffic(app: App, users: int = 10_000, concurrency: int = 8) -> Iterator[None]:
+    """Chat requests from random users, sent until the block exits (bounded by the test)."""
+    stop = threading.Event()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            payload = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}]}
+            try:
+                await client.post("/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"})
+            except httpx.HTTPError:
+                await asyncio.sleep(0.05)
+
+    async def send() -> None:
+        async with httpx.AsyncClient(base_url=app.url, timeout=30.0) as client:
+            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+
+    thread = threading.Thread(target=asyncio.run, args=(send(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -1,0 +1,198 @@
+"""The serving path on a real local Ray cluster, through Serve's HTTP proxy and handles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+from openai import OpenAI
+
+from .conftest import ADMIN_TOKEN, app_args, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Keep automation out of the way: the first phase cannot complete within these tests.
+HOLD = {"interval_s": 0.5, "auto_rollback": False, "phases": [
+    {"name": "init", "weight": 0.05, "min_duration_s": 3600, "min_requests": 1},
+    {"name": "full", "weight": 1.0, "approval": True},
+]}
+
+
+def test_openai_client_gets_completions_with_arm_headers(deploy):
+    app = deploy(app_args(rollout=HOLD))
+    client = OpenAI(base_url=f"{app.url}/v1", api_key="unused")
+    raw = client.chat.completions.with_raw_response.create(
+        model="test-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_headers={"x-user-id": "ada"}
+    )
+    completion = raw.parse()
+    assert raw.headers["x-serve-canary-arm"] in ("stable", "canary")
+    assert raw.headers["x-serve-canary-version"] == {"stable": "v1", "canary": "v2"}[raw.headers["x-serve-canary-arm"]]
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 4 and completion.usage.prompt_tokens == 2  # "hi" plus one per message
+
+    stream = client.chat.completions.create(
+        model="test-llm", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 8
+    assert chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+    completion = client.completions.create(model="test-llm", prompt="once upon", max_tokens=3)
+    assert len(completion.choices[0].text.split()) == 3
+    assert [m.id for m in client.models.list()] == ["test-llm"]
+
+
+def test_sse_stream_ends_with_done_and_carries_headers(deploy):
+    app = deploy(app_args(rollout=HOLD))
+    with app.http.stream("POST", "/v1/completions", json={"model": "test-llm", "prompt": "x", "stream": True}, headers={"x-user-id": "u1"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-serve-canary-arm"] in ("stable", "canary")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0].removeprefix("data: "))
+    assert first["serve_canary"]["arm"] == response.headers["x-serve-canary-arm"]
+
+
+def test_bad_requests_get_openai_error_bodies(deploy):
+    app = deploy(app_args(rollout=HOLD))
+    missing = app.http.post("/v1/chat/completions", json={"model": "test-llm"})
+    assert missing.status_code == 400
+    assert missing.json()["error"]["param"] == "messages"
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    not_json = app.http.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
+    wrong_model = app.chat(model="gpt-17")
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["code"] == "model_not_found"
+    bad_temperature = app.chat(temperature=7)
+    assert bad_temperature.status_code == 400 and bad_temperature.json()["error"]["param"] == "temperature"
+
+
+def test_fixed_user_always_gets_the_same_arm(deploy):
+    app = deploy(app_args(rollout=HOLD), ingress_replicas=2)
+    ray.get(app.controller.set_weight.remote(0.5))
+    wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 5, "new table")
+    for user in ("alice", "bob", "carol", "dave"):
+        arms = {app.chat(user=user).headers["x-serve-canary-arm"] for _ in range(12)}
+        assert len(arms) == 1, f"{user} saw {arms}"
+
+
+def test_handle_methods_return_openai_dicts_and_stream_chunks(deploy):
+    app = deploy(app_args(rollout=HOLD))
+    body = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}], "user": "ada"}
+    response = app.handle.chat.remote(body).result()
+    assert response["object"] == "chat.completion" and response["usage"]["completion_tokens"] == 8
+    chunks = list(app.handle.options(stream=True).chat.remote({**body, "stream": True}))
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["serve_canary"]["arm"] == response["serve_canary"]["arm"]  # sticky by `user`
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == response["choices"][0]["message"]["content"]
+    text = app.handle.completions.remote({"model": "test-llm", "prompt": "a b c", "max_tokens": 2}).result()
+    assert text["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def _replica_views(app, count: int = 40) -> dict[str, dict]:
+    """The table each ingress replica routes by, keyed by replica id (Serve spreads calls)."""
+    views = {}
+    for _ in range(count):
+        status = app.handle.status.remote().result()
+        views[status["replica"]["id"]] = status["replica"]
+    return views
+
+
+def _both_replica_views(app) -> dict[str, dict] | None:
+    views = _replica_views(app)
+    return views if len(views) == 2 else None
+
+
+def test_set_weight_reaches_both_replicas_within_a_second_without_redeploy(deploy, cluster):
+    app = deploy(app_args(rollout=HOLD), ingress_replicas=2)
+    before = wait_for(lambda: _both_replica_views(app), 10, "two replicas")
+    cli = subprocess.run(
+        [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name, "--json", "set-weight", "0.5"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["canary_weight"] == 0.5
+    acknowledged = time.monotonic()
+
+    def both_replicas_moved():
+        views = _both_replica_views(app)
+        return views and all(v["canary_weight"] == 0.5 for v in views.values())
+
+    wait_for(both_replicas_moved, 1.0, "both replicas to route at weight 0.5")
+    assert time.monotonic() - acknowledged < 1.0
+    assert {v["canary_weight"] for v in before.values()} == {0.05}
+
+    # The observed share on each replica follows the new weight.
+    arms_by_replica: dict[str, list[str]] = {}
+    for i in range(400):
+        body = {"model": "test-llm", "prompt": "x", "max_tokens": 1, "user": f"user-{i}"}
+        served = app.handle.completions.remote(body).result()["serve_canary"]
+        arms_by_replica.setdefault(served["replica"], []).append(served["arm"])
+    assert len(arms_by_replica) == 2
+    for replica, arms in arms_by_replica.items():
+        share = arms.count("canary") / len(arms)
+        assert 0.35 < share < 0.65, f"replica {replica}: canary share {share:.2f} of {len(arms)}"
+    after = _both_replica_views(app)
+    assert {v["actor_id"] for v in after.values()} == {v["actor_id"] for v in before.values()}, (
+        "weights must change without restarting replicas"
+    )
+
+
+def test_canary_failing_before_first_token_fails_over_to_stable(deploy):
+    app = deploy(app_args(canary_engine={"error_rate": 1.0}, rollout=HOLD))
+    window_id = ray.get(app.controller.set_weight.remote(0.5))["window"]
+    wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 5, "new table")
+    responses = [app.chat(user=f"user-{i}") for i in range(60)]
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.headers["x-serve-canary-arm"] for r in responses} == {"stable"}
+
+    def recorded():
+        window = _window(app, window_id)
+        return window if window["canary"].errors >= 15 else None
+
+    window = wait_for(recorded, 5, "canary failures recorded")
+    assert window["canary"].errors == window["canary"].requests
+    assert window["canary"].error_kinds["before_first_token"] == window["canary"].errors
+    assert window["stable"].errors == 0
+
+
+def _window(app, window_id: str):
+    from serve_canary.controller import NAMESPACE, collector_name
+
+    return ray.get(ray.get_actor(collector_name(app.name), namespace=NAMESPACE).window.remote(window_id))
+
+
+def test_without_failover_canary_failures_reach_the_client(deploy):
+    app = deploy(app_args(canary_engine={"error_rate": 1.0}, rollout=HOLD, failover=False))
+    ray.get(app.controller.set_weight.remote(1.0))
+    wait_for(lambda: app.chat(user="probe").status_code == 502, 5, "canary-only routing")
+    error = app.chat(user="someone").json()["error"]
+    assert error["type"] == "server_error" and "v2" in error["message"]
+
+
+def test_admin_routes_need_the_token(deploy):
+    app = deploy(app_args(rollout=HOLD))
+    assert app.http.get("/-/canary/status").status_code == 200
+    assert app.http.put("/-/canary/weight", json={"weight": 0.3}).status_code == 401
+    wrong = app.http.put("/-/canary/weight", json={"weight": 0.3}, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert app.admin("PUT", "weight", json={"weight": 3}).status_code == 400
+    moved = app.admin("PUT", "weight", json={"weight": 0.3})
+    assert moved.status_code == 200 and moved.json()["canary_weight"] == 0.3 and moved.json()["status"] == "paused"
+    assert app.admin("POST", "resume").json()["canary_weight"] == 0.05
+    assert app.admin("POST", "approve").status_code == 409
+
+
+def test_admin_routes_are_refused_when_no_token_is_configured(deploy):
+    app = deploy(app_args(rollout=HOLD), ingress_env={"SERVE_CANARY_ADMIN_TOKEN": ""})
+    refused = app.admin("POST", "pause")
+    assert refused.status_code == 403 and "SERVE_CANARY_ADMIN_TOKEN" in refused.json()["error"]["message"]
+    assert app.status()["status"] == "running"
+    assert ADMIN_TOKEN not in refused.text
