@@ -1,0 +1,79 @@
+"""Every bad application arg fails with a message naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_canary.app import build_app
+from serve_canary.config import ConfigError, parse_config
+
+
+def args(**overrides):
+    base = {
+        "model_name": "m",
+        "stable": {"version": "v1", "engine": "simulated"},
+        "canary": {"version": "v2", "engine": "simulated"},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_defaults_are_the_seeds():
+    config = parse_config(args())
+    assert [(p.name, p.weight, p.min_duration_s, p.approval) for p in config.rollout.phases] == [
+        ("init", 0.05, 600, False), ("early", 0.20, 1800, False), ("progress", 0.50, 3600, False), ("full", 1.0, 0, True),
+    ]
+    assert (config.health.max_error_rate, config.health.max_latency_ms, config.health.max_latency_increase) == (0.01, 2000, 1.5)
+    assert config.rollout.auto_rollback and config.failover
+    assert config.routing.key_headers == ("x-user-id", "x-session-id")
+    assert config.state_store == "gcs"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"rollout": {"phases": [{"name": "a", "weight": 1.5}, {"name": "b", "weight": 1.0}]}},
+         "rollout.phases.0.weight: Input should be less than or equal to 1"),
+        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.2}, {"name": "c", "weight": 1.0}]}},
+         "rollout.phases: weights must strictly increase, got [0.5, 0.2, 1.0]"),
+        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.9}]}},
+         "rollout.phases: the last phase's weight must be 1.0"),
+        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "a", "weight": 1.0}]}},
+         "rollout.phases: phase names must be unique"),
+        ({"canary": {"version": "v2", "engine": "tgi"}}, "canary.engine: Input should be 'simulated' or 'vllm' (got 'tgi')"),
+        ({"canary": {"version": "v1", "engine": "simulated"}}, "stable.version and canary.version must differ, both are 'v1'"),
+        ({"state_store": "redis://x"}, "state_store: must be 'gcs' or 'file:///absolute/path', got 'redis://x'"),
+        ({"rollout": {"interval_s": 0}}, "rollout.interval_s: Input should be greater than 0"),
+        ({"health": {"max_error_rate": -0.1}}, "health.max_error_rate: Input should be greater than or equal to 0"),
+        ({"routing": {"salt": "s", "key_header": "x"}}, "routing.key_header: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_config(args(**overrides))
+    assert expected in str(error.value)
+
+
+def test_missing_keys_are_named():
+    with pytest.raises(ConfigError) as error:
+        parse_config({"stable": {"version": "v1"}})
+    message = str(error.value)
+    for key in ("model_name: Field required", "stable.engine: Field required", "canary: Field required"):
+        assert key in message
+
+
+def test_build_app_checks_engine_args_of_each_arm():
+    with pytest.raises(ConfigError, match=r"canary.engine_args.error_rate: Input should be less than or equal to 1"):
+        build_app(args(canary={"version": "v2", "engine": "simulated", "engine_args": {"error_rate": 2}}))
+    with pytest.raises(ConfigError, match=r"stable.engine_args.ttft: Extra inputs are not permitted"):
+        build_app(args(stable={"version": "v1", "engine": "simulated", "engine_args": {"ttft": 5}}))
+    with pytest.raises(ConfigError, match=r"stable.engine_args.model: required for engine 'vllm'"):
+        build_app(args(stable={"version": "v1", "engine": "vllm"}))
+
+
+def test_build_app_binds_two_named_model_deployments_without_importing_vllm():
+    import sys
+
+    app = build_app(args(stable={"version": "v1", "engine": "vllm", "engine_args": {"model": "some/model"}}))
+    assert app is not None
+    assert "vllm" not in sys.modules
