@@ -35,7 +35,8 @@ class Verdict:
     canary_requests: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (lists, not tuples), as it is persisted and shown."""
+        return {**asdict(self), "checks": [asdict(check) for check in self.checks]}
 
     @property
     def failed_metrics(self) -> list[str]:

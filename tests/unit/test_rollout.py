@@ -1,0 +1,144 @@
+"""Every transition of the rollout state machine, with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_canary.config import PhaseConfig
+from serve_canary.judge import Verdict
+from serve_canary.rollout import TransitionError, approve, evaluate, pause, restart, resume, rollback, set_weight, start
+
+PHASES = (
+    PhaseConfig(name="init", weight=0.05, min_duration_s=10),
+    PhaseConfig(name="early", weight=0.2, min_duration_s=10),
+    PhaseConfig(name="progress", weight=0.5, min_duration_s=10),
+    PhaseConfig(name="full", weight=1.0, approval=True),
+)
+PASS = Verdict("pass", "healthy", (), 100, 100)
+WAIT = Verdict("wait", "waiting for traffic", (), 3, 100)
+FAIL = Verdict("fail", "error_rate 20% above 1%", (), 100, 100)
+
+
+def fresh(now: float = 0.0):
+    return start("v1..v2", "v1", "v2", PHASES, now)
+
+
+def walk_to_approval():
+    state = fresh()
+    for t in (10, 20, 30):
+        state = evaluate(state, PASS, PHASES, t, auto_rollback=True)
+    return state
+
+
+def test_start_is_running_at_the_first_phase():
+    state = fresh()
+    assert (state.status, state.phase_index, state.weight, state.table_version) == ("running", 0, 0.05, 1)
+    assert state.events[0].action == "start"
+
+
+def test_pass_before_min_duration_stays():
+    state = fresh()
+    assert evaluate(state, PASS, PHASES, 9.9, True) is state
+
+
+def test_wait_never_advances_however_long():
+    state = fresh()
+    assert evaluate(state, WAIT, PHASES, 1e9, True) is state
+
+
+def test_pass_after_min_duration_promotes_and_opens_a_new_window():
+    state = fresh()
+    promoted = evaluate(state, PASS, PHASES, 10, True)
+    assert (promoted.status, promoted.phase_index, promoted.weight) == ("running", 1, 0.2)
+    assert promoted.window != state.window and promoted.phase_started_at == 10
+    assert promoted.table_version == state.table_version + 1
+    event = promoted.events[-1]
+    assert (event.action, event.from_status, event.to_status, event.phase, event.weight, event.at) == (
+        "promote", "running", "running", "early", 0.2, 10)
+
+
+def test_approval_gate_holds_until_approved_then_completes():
+    state = walk_to_approval()
+    assert (state.status, state.phase_index, state.weight) == ("awaiting_approval", 2, 0.5)
+    assert evaluate(state, PASS, PHASES, 1e9, True) is state
+    done = approve(state, PHASES, 100)
+    assert (done.status, done.phase_index, done.weight) == ("complete", 3, 1.0)
+    assert evaluate(done, FAIL, PHASES, 101, True) is done  # complete is final for the judge
+
+
+@pytest.mark.parametrize("status_maker", [fresh, walk_to_approval, lambda: pause(fresh(), PHASES, 1, "look")])
+def test_fail_rolls_back_at_once_from_any_live_status(status_maker):
+    state = status_maker()
+    rolled = evaluate(state, FAIL, PHASES, 50, True)
+    assert (rolled.status, rolled.weight) == ("rolled_back", 0.0)
+    assert rolled.events[-1].action == "auto_rollback"
+    assert "error_rate" in rolled.events[-1].reason
+    assert rolled.events[-1].evidence["decision"] == "fail"
+
+
+def test_fail_without_auto_rollback_only_stays():
+    state = fresh()
+    assert evaluate(state, FAIL, PHASES, 50, auto_rollback=False) is state
+
+
+def test_rolled_back_stays_rolled_back_until_restart():
+    rolled = evaluate(fresh(), FAIL, PHASES, 5, True)
+    for t in (10, 100, 1000):
+        assert evaluate(rolled, PASS, PHASES, t, True) is rolled
+    with pytest.raises(TransitionError):
+        resume(rolled, PHASES, 6)
+    with pytest.raises(TransitionError):
+        set_weight(rolled, PHASES, 6, 0.5)
+    with pytest.raises(TransitionError):
+        rollback(rolled, PHASES, 6, "again")
+    again = restart(rolled, PHASES, 7)
+    assert (again.status, again.phase_index, again.weight, again.attempt) == ("running", 0, 0.05, 2)
+    assert again.window != rolled.window
+
+
+def test_restart_only_after_rollback():
+    with pytest.raises(TransitionError, match="only a rolled-back rollout can restart"):
+        restart(fresh(), PHASES, 1)
+
+
+def test_manual_weight_pauses_and_resume_restores_the_phase_weight():
+    state = set_weight(fresh(), PHASES, 3, 0.4)
+    assert (state.status, state.weight) == ("paused", 0.4)
+    assert evaluate(state, PASS, PHASES, 1e6, True) is state  # automation paused
+    resumed = resume(state, PHASES, 4)
+    assert (resumed.status, resumed.weight, resumed.phase_started_at) == ("running", 0.05, 4)
+    with pytest.raises(TransitionError):
+        set_weight(fresh(), PHASES, 1, 1.2)
+
+
+def test_pause_and_resume_keep_the_window_when_the_weight_is_unchanged():
+    state = fresh()
+    paused = pause(state, PHASES, 3, "investigating")
+    resumed = resume(paused, PHASES, 4)
+    assert resumed.window == state.window and resumed.phase_started_at == 0
+    with pytest.raises(TransitionError):
+        pause(paused, PHASES, 5, "twice")
+
+
+def test_approve_without_a_gate_is_refused():
+    with pytest.raises(TransitionError, match="nothing awaits approval"):
+        approve(fresh(), PHASES, 1)
+
+
+def test_operator_rollback_from_complete_is_allowed():
+    done = approve(walk_to_approval(), PHASES, 40)
+    rolled = rollback(done, PHASES, 41, "customer complaints")
+    assert (rolled.status, rolled.weight, rolled.events[-1].reason) == ("rolled_back", 0.0, "customer complaints")
+
+
+def test_phases_without_approval_complete_on_their_own():
+    phases = (PhaseConfig(name="a", weight=0.1), PhaseConfig(name="b", weight=1.0))
+    state = evaluate(start("r", "v1", "v2", phases, 0), PASS, phases, 0, True)
+    assert (state.status, state.weight) == ("complete", 1.0)
+
+
+def test_state_round_trips_through_json():
+    from serve_canary.rollout import RolloutState
+
+    state = walk_to_approval()
+    assert RolloutState.model_validate_json(state.model_dump_json()) == state
