@@ -53,7 +53,7 @@ def _error_rate_check(stable: ArmAggregate, canary: ArmAggregate, health: Health
     limit = min(health.max_error_rate, floor * health.max_error_rate_increase)
     if canary_rate > limit:
         which = "absolute limit" if limit == health.max_error_rate else f"{health.max_error_rate_increase}× stable"
-        reason = f"canary error rate {canary_rate:.2%} above {limit:.2%} ({which})"
+        reason = f"error_rate {canary_rate:.2%} above {limit:.2%} ({which})"
         return MetricCheck("error_rate", stable_rate, canary_rate, limit, "fail", reason)
     return MetricCheck("error_rate", stable_rate, canary_rate, limit, "pass", f"{canary_rate:.2%} ≤ {limit:.2%}")
 
@@ -67,7 +67,7 @@ def _latency_check(
     limit = min(max_ms, stable_ms * increase)
     if canary_ms > limit:
         which = "absolute limit" if limit == max_ms else f"{increase}× stable"
-        reason = f"canary {metric} {canary_ms:.1f} ms above {limit:.1f} ms ({which})"
+        reason = f"{metric} {canary_ms:.1f} ms above {limit:.1f} ms ({which})"
         return MetricCheck(metric, stable_ms, canary_ms, limit, "fail", reason)
     return MetricCheck(metric, stable_ms, canary_ms, limit, "pass", f"{canary_ms:.1f} ms ≤ {limit:.1f} ms")
 

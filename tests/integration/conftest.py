@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,7 +53,7 @@ def cluster() -> Iterator[dict[str, Any]]:
 
 def app_args(canary_engine: dict | None = None, stable_engine: dict | None = None, **overrides: Any) -> dict[str, Any]:
     """Application args with fast simulated engines and phases compressed to seconds."""
-    fast = {"ttft_ms": 5, "itl_ms": 1, "output_tokens": 8, "jitter": 0.1}
+    fast = {"ttft_ms": 30, "itl_ms": 2, "output_tokens": 8, "jitter": 0.1}
     args: dict[str, Any] = {
         "model_name": "test-llm",
         "stable": {"version": "v1", "engine": "simulated", "engine_args": {**fast, "seed": 1, **(stable_engine or {})}},
@@ -134,16 +135,19 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
 
 
 @contextlib.contextmanager
-def background_traffic(app: App, users: int = 10_000, concurrency: int = 8) -> Iterator[None]:
-    """Chat requests from random users, sent until the block exits (bounded by the test)."""
+def background_traffic(app: App, users: int = 10_000, concurrency: int = 12) -> Iterator[Counter[str]]:
+    """Chat requests from random users until the block exits; yields a live count of outcomes."""
     stop = threading.Event()
+    outcomes: Counter[str] = Counter()
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
             payload = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}]}
             try:
-                await client.post("/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"})
-            except httpx.HTTPError:
+                response = await client.post("/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"})
+                outcomes[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                outcomes[type(exc).__name__] += 1
                 await asyncio.sleep(0.05)
 
     async def send() -> None:
@@ -153,7 +157,7 @@ def background_traffic(app: App, users: int = 10_000, concurrency: int = 8) -> I
     thread = threading.Thread(target=asyncio.run, args=(send(),), daemon=True)
     thread.start()
     try:
-        yield
+        yield outcomes
     finally:
         stop.set()
         thread.join(timeout=30)

@@ -1,0 +1,152 @@
+"""Automated rollouts on a real local Ray cluster: simulated engines, phases compressed to seconds."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from serve_canary.controller import NAMESPACE, collector_name
+
+from .conftest import FAST_PHASES, app_args, background_traffic, wait_for
+
+pytestmark = pytest.mark.integration
+INTERVAL_S = 0.5
+MIN_REQUESTS = FAST_PHASES[0]["min_requests"]
+
+
+def status_is(app, *statuses: str):
+    def check():
+        status = app.status()
+        return status if status["status"] in statuses else None
+
+    return check
+
+
+def test_healthy_canary_walks_the_phases_and_waits_for_approval(deploy):
+    app = deploy(app_args(), ingress_replicas=2)
+    with background_traffic(app) as outcomes:
+        status = wait_for(status_is(app, "awaiting_approval", "rolled_back"), 90, "the approval gate")
+        assert status["status"] == "awaiting_approval", status["events"]
+        assert status["canary_weight"] == 0.5 and status["phase"] == "progress"
+        assert "approval" in status["waiting_for"]
+        time.sleep(3 * INTERVAL_S)  # more healthy verdicts must not cross the gate
+        assert app.status()["status"] == "awaiting_approval"
+        approved = app.admin("POST", "approve")
+        assert approved.status_code == 200, approved.text
+        assert (approved.json()["status"], approved.json()["canary_weight"]) == ("complete", 1.0)
+        wait_for(lambda: app.chat(user="anyone").headers["x-serve-canary-arm"] == "canary", 2, "all traffic on canary")
+    walked = [(e["action"], e["weight"]) for e in app.status()["events"]]
+    assert walked == [("start", 0.05), ("promote", 0.2), ("promote", 0.5), ("await_approval", 0.5), ("approve", 1.0)]
+    assert set(outcomes) == {"200"}
+
+
+def _canary_requests_in(app, window: str) -> int:
+    collector = ray.get_actor(collector_name(app.name), namespace=NAMESPACE)
+    return ray.get(collector.window.remote(window))["canary"].requests
+
+
+def test_erroring_canary_is_rolled_back_fast_and_stays_rolled_back(deploy):
+    app = deploy(app_args(canary_engine={"error_rate": 0.2}))
+    window = app.status()["window"]
+    with background_traffic(app) as outcomes:
+        enough_at = wait_for(
+            lambda: time.time() if _canary_requests_in(app, window) >= MIN_REQUESTS else None, 60, "min_requests"
+        )
+        status = wait_for(status_is(app, "rolled_back"), 10, "rollback")
+        rollback = status["events"][-1]
+        assert rollback["action"] == "auto_rollback" and rollback["weight"] == 0.0
+        assert rollback["at"] - enough_at <= 2 * INTERVAL_S, "rollback must follow within two evaluations"
+        assert "error_rate" in rollback["reason"]
+        assert rollback["evidence"]["canary_requests"] >= MIN_REQUESTS
+        wait_for(lambda: app.chat(user="probe").headers["x-serve-canary-arm"] == "stable", 2, "stable-only routing")
+        served_before = sum(outcomes.values())
+        wait_for(lambda: sum(outcomes.values()) > served_before + 100, 30, "more traffic")
+        assert app.status()["status"] == "rolled_back"
+        assert all(app.chat(user=f"user-{i}").headers["x-serve-canary-arm"] == "stable" for i in range(20))
+        restarted = app.admin("POST", "restart").json()
+        assert (restarted["status"], restarted["attempt"], restarted["canary_weight"]) == ("running", 2, 0.05)
+    assert set(outcomes) == {"200"}, "failover must hide canary failures from clients"
+
+
+def test_slow_first_token_is_rolled_back_naming_the_latency_metric(deploy):
+    app = deploy(app_args(canary_engine={"ttft_ms": 90}))
+    with background_traffic(app):
+        status = wait_for(status_is(app, "rolled_back"), 60, "rollback")
+    evidence = status["events"][-1]["evidence"]
+    failed = {c["metric"] for c in evidence["checks"] if c["decision"] == "fail"}
+    assert "ttft_p95_ms" in failed and "error_rate" not in failed
+    assert "ttft_p95_ms" in status["events"][-1]["reason"]
+
+
+def test_without_traffic_nothing_advances_and_status_says_why(deploy):
+    app = deploy(app_args())
+    wait_for(lambda: app.status()["last_verdict"], 5, "an evaluation")
+    time.sleep(4 * INTERVAL_S)
+    status = app.status()
+    assert (status["status"], status["phase"], status["canary_weight"]) == ("running", "init", 0.05)
+    assert status["last_verdict"]["decision"] == "wait"
+    assert status["waiting_for"] == f"waiting for traffic: canary 0/{MIN_REQUESTS}, stable 0/{MIN_REQUESTS} requests"
+    assert [e["action"] for e in status["events"]] == ["start"]
+
+
+def test_killed_controller_resumes_at_its_phase_while_routing_continues(deploy):
+    app = deploy(app_args(rollout={"interval_s": INTERVAL_S, "phases": [
+        {"name": "init", "weight": 0.05, "min_duration_s": 1, "min_requests": 20},
+        {"name": "early", "weight": 0.20, "min_duration_s": 3600, "min_requests": 20},
+        {"name": "full", "weight": 1.0, "approval": True},
+    ]}))
+    with background_traffic(app) as outcomes:
+        before = wait_for(lambda: (s := app.status())["phase"] == "early" and s, 60, "phase early")
+        ray.kill(app.controller, no_restart=False)
+        after = wait_for(lambda: _status_or_none(app), 30, "the restarted controller")
+        served = sum(outcomes.values())
+        wait_for(lambda: sum(outcomes.values()) > served + 50, 30, "traffic after the restart")
+    assert (after["phase"], after["canary_weight"], after["status"]) == ("early", 0.2, "running")
+    assert after["table_version"] == before["table_version"]
+    assert after["events"][-1]["at"] == before["events"][-1]["at"]  # the persisted history, not a fresh start
+    assert set(outcomes) == {"200"}
+
+
+def _status_or_none(app):
+    try:
+        return app.status()
+    except Exception:
+        return None
+
+
+def test_feedback_is_attributed_to_the_serving_arm(deploy):
+    app = deploy(app_args())
+    app.admin("PUT", "weight", json={"weight": 0.5})
+    wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 5, "new table")
+    served = {}
+    for i in range(40):
+        body = app.chat(user=f"u{i}").json()
+        served[body["id"]] = body["serve_canary"]["arm"]
+    for request_id, arm in served.items():
+        response = app.http.post("/-/canary/feedback", json={"request_id": request_id, "rating": 1.0, "hallucination": arm == "canary"})
+        assert response.status_code == 200 and response.json()["arm"] == arm
+    assert app.http.post("/-/canary/feedback", json={"request_id": "nope", "rating": 1}).status_code == 404
+    assert app.http.post("/-/canary/feedback", json={"rating": 1}).status_code == 400
+    window = ray.get(ray.get_actor(collector_name(app.name), namespace=NAMESPACE).window.remote(app.status()["window"]))
+    assert window["canary"].hallucinations == list(served.values()).count("canary")
+    assert window["stable"].hallucinations == 0
+    assert window["canary"].ratings + window["stable"].ratings == 40
+
+
+def test_file_store_and_redeploy_semantics(deploy, tmp_path):
+    store = f"file://{tmp_path}"
+    app = deploy(app_args(state_store=store))
+    first = app.status()
+    assert (tmp_path / f"{app.name}.json").exists()
+    app.admin("PUT", "weight", json={"weight": 0.3})
+    ray.get(app.controller.configure.remote(app_args(state_store=store)))  # redeploy: same pair
+    kept = app.status()
+    assert (kept["rollout_id"], kept["canary_weight"], kept["status"]) == (first["rollout_id"], 0.3, "paused")
+    new_pair = app_args(state_store=store)
+    new_pair["canary"]["version"] = "v3"
+    ray.get(app.controller.configure.remote(new_pair))
+    fresh = app.status()
+    assert fresh["rollout_id"] != first["rollout_id"] and (fresh["status"], fresh["canary_weight"]) == ("running", 0.05)
+    assert fresh["table_version"] > kept["table_version"]
