@@ -79,7 +79,7 @@ class SimulatedEngine:
             sent += n
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class SimulatedServer:
     """ModelServer deployment around SimulatedEngine."""
 

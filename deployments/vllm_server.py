@@ -64,7 +64,7 @@ class VLLMEngineAdapter:
         await self._engine.check_health()
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=128)
 class VLLMServer:
     """ModelServer deployment: one AsyncLLM engine per replica (set `num_gpus` in the config)."""
 

@@ -85,7 +85,8 @@ class RolloutConfig(_Schema):
 
 
 class HealthConfig(_Schema):
-    """What makes a canary unhealthy: absolute limits and per-metric relative tolerances."""
+    """What makes a canary unhealthy (absolute limits, sequential tests) and what proves it
+    healthy (bounds on canary/stable below each metric's allowed increase)."""
 
     max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)
     max_latency_ms: float = Field(default=2000.0, gt=0.0, description="p95 end-to-end latency")
@@ -93,6 +94,15 @@ class HealthConfig(_Schema):
     max_error_rate_increase: float = Field(default=1.5, ge=1.0)
     max_latency_increase: float = Field(default=1.5, ge=1.0)
     max_ttft_increase: float = Field(default=1.5, ge=1.0)
+    max_itl_increase: float = Field(default=1.5, ge=1.0)
+    max_hallucination_increase: float = Field(default=1.5, ge=1.0)
+    alpha: float = Field(
+        default=0.01, gt=0.0, lt=1.0,
+        description="false-rollback budget of a whole rollout, split across judged phases and metrics",
+    )
+    promotion_alpha: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="1 − confidence of the bounds that promotion needs",
+    )
 
 
 class CanaryConfig(_Schema):

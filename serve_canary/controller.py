@@ -121,8 +121,10 @@ class RolloutController:
         window = await collector.window.remote(state.window)
         if self._state is not state:  # an operator command moved the rollout meanwhile
             return self.status()
-        phase = self._config.rollout.phases[state.phase_index]
-        verdict = judge(window["stable"], window["canary"], self._config.health, phase.min_requests)
+        phases = self._config.rollout.phases
+        # The rollout's false-rollback budget, split across the phases that are judged.
+        alpha = self._config.health.alpha / (len(phases) - 1)
+        verdict = judge(window["stable"], window["canary"], self._config.health, phases[state.phase_index].min_requests, alpha)
         self._last_verdict, self._evaluated_at = verdict, time.time()
         self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
         new_state = rollout.evaluate(

@@ -1,19 +1,35 @@
 """The health verdict: a pure function from two arms' aggregates (same window) to a Verdict.
 
-Canary is compared with stable measured in the same window, never with history. Too little
-data is WAIT, never PASS. Each metric has an absolute limit and its own relative tolerance;
-the verdict carries every metric's values, limit and reason so `status` can explain it.
+Canary is compared with stable measured in the same window, never with history, using
+anytime-valid statistics (`sequential`), so judging every few seconds does not inflate false
+rollbacks:
+
+- FAIL when a one-sided sequential test says the canary is worse (e-value ≥ 1/α) — error
+  rate, hallucination flags, and for TTFT, end-to-end and inter-token latency the rate at
+  which the canary exceeds stable's p95 — or when a confidence bound puts the canary past an
+  absolute limit. A FAIL needs no minimum of requests: the tests are valid at any size.
+- PASS needs evidence, not silence: `min_requests` on both arms and, for every metric, an
+  upper confidence bound on canary/stable below the metric's allowed increase (for the error
+  rate, or the canary's rate bounded below the absolute limit; for latencies, the median
+  ratio, the tail being the exceedance test's job).
+- Otherwise WAIT, with the reason.
+
+α (the false-rollback budget the caller gives this window) is split evenly across metrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+import math
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
 from serve_canary.metrics import ArmAggregate
+from serve_canary.sequential import proportion_bounds, quantile_margin, ratio_e_value, theta_to_ratio
 
 Decision = Literal["pass", "wait", "fail"]
+JUDGED_METRICS = ("error_rate", "ttft_p95_ms", "e2e_p95_ms", "itl_p95_ms", "hallucination_rate")
 
 
 @dataclass(frozen=True)
@@ -21,9 +37,10 @@ class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: float | None  # the bound the canary's value is held to
+    limit: float | None  # the allowed canary/stable ratio (or absolute limit) it was held to
     decision: Decision
     reason: str
+    stats: dict[str, Any] = field(default_factory=dict)  # e-value, bounds, effect size, counts
 
 
 @dataclass(frozen=True)
@@ -43,59 +60,125 @@ class Verdict:
         return [check.metric for check in self.checks if check.decision == "fail"]
 
 
-def _error_rate_check(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig) -> MetricCheck:
-    stable_rate, canary_rate = stable.error_rate, canary.error_rate
-    if stable_rate is None or canary_rate is None:
-        return MetricCheck("error_rate", stable_rate, canary_rate, None, "wait", "no requests yet")
-    # Stable's rate is floored at one error in its sample: a clean stable is evidence of a
-    # low rate, not of a zero rate, so one canary error alone is no regression.
-    floor = max(stable_rate, 1.0 / stable.requests)
-    limit = min(health.max_error_rate, floor * health.max_error_rate_increase)
-    if canary_rate > limit:
-        which = "absolute limit" if limit == health.max_error_rate else f"{health.max_error_rate_increase}× stable"
-        reason = f"error_rate {canary_rate:.2%} above {limit:.2%} ({which})"
-        return MetricCheck("error_rate", stable_rate, canary_rate, limit, "fail", reason)
-    return MetricCheck("error_rate", stable_rate, canary_rate, limit, "pass", f"{canary_rate:.2%} ≤ {limit:.2%}")
+def _quantile(ordered: list[float], q: float) -> float:
+    pos = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _rate_check(
+    metric: str, canary_events: int, canary_n: int, stable_events: int, stable_n: int,
+    allowed_increase: float, absolute_limit: float | None, alpha: float, promotion_alpha: float,
+) -> MetricCheck:
+    if canary_n == 0 or stable_n == 0:
+        return MetricCheck(metric, None, None, allowed_increase, "wait", "no data on one arm yet")
+    share = canary_n / (canary_n + stable_n)
+    stable_rate, canary_rate = stable_events / stable_n, canary_events / canary_n
+    e_value = ratio_e_value(canary_events, stable_events, share)
+    _, theta_upper = proportion_bounds(canary_events, canary_events + stable_events, promotion_alpha)
+    ratio_upper = theta_to_ratio(theta_upper, share) if canary_events + stable_events else math.inf
+    rate_lower, _ = proportion_bounds(canary_events, canary_n, alpha)
+    _, rate_upper = proportion_bounds(canary_events, canary_n, promotion_alpha)
+    stats = {
+        "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_rate / stable_rate if stable_rate else None,
+        "ratio_upper": ratio_upper, "canary_rate_bounds": [rate_lower, rate_upper], "canary_share": share,
+        "canary_events": canary_events, "stable_events": stable_events, "canary_n": canary_n, "stable_n": stable_n,
+    }
+    args = (metric, stable_rate, canary_rate, allowed_increase)
+    if e_value >= 1.0 / alpha:
+        reason = f"{metric} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse (e-value {e_value:.3g} ≥ {1 / alpha:.3g})"
+        return MetricCheck(*args, "fail", reason, stats)
+    if absolute_limit is not None and rate_lower > absolute_limit:
+        reason = f"{metric} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence (lower bound {rate_lower:.2%})"
+        return MetricCheck(*args, "fail", reason, stats)
+    if ratio_upper <= allowed_increase:
+        return MetricCheck(*args, "pass", f"canary/stable ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats)
+    if absolute_limit is not None and rate_upper <= absolute_limit:
+        return MetricCheck(*args, "pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})", stats)
+    reason = f"not enough evidence: canary/stable could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
+    return MetricCheck(*args, "wait", reason, stats)
 
 
 def _latency_check(
-    metric: str, stable_s: float | None, canary_s: float | None, max_ms: float, increase: float
+    metric: str, stable_values: list[float], canary_values: list[float], allowed_increase: float,
+    absolute_limit_ms: float | None, alpha: float, promotion_alpha: float,
 ) -> MetricCheck:
-    if stable_s is None or canary_s is None:
-        return MetricCheck(metric, stable_s, canary_s, None, "wait", "no successful requests yet")
-    stable_ms, canary_ms = stable_s * 1000.0, canary_s * 1000.0
-    limit = min(max_ms, stable_ms * increase)
-    if canary_ms > limit:
-        which = "absolute limit" if limit == max_ms else f"{increase}× stable"
-        reason = f"{metric} {canary_ms:.1f} ms above {limit:.1f} ms ({which})"
-        return MetricCheck(metric, stable_ms, canary_ms, limit, "fail", reason)
-    return MetricCheck(metric, stable_ms, canary_ms, limit, "pass", f"{canary_ms:.1f} ms ≤ {limit:.1f} ms")
+    if not stable_values and not canary_values:
+        return MetricCheck(metric, None, None, allowed_increase, "pass", "no samples on either arm: nothing to compare")
+    if not stable_values or not canary_values:
+        return MetricCheck(metric, None, None, allowed_increase, "wait", "no latency samples on one arm yet")
+    stable, canary = sorted(stable_values), sorted(canary_values)
+    threshold = _quantile(stable, 0.95)
+    canary_over = len(canary) - bisect_right(canary, threshold)
+    stable_over = len(stable) - bisect_right(stable, threshold)
+    share = len(canary) / (len(canary) + len(stable))
+    e_value = ratio_e_value(canary_over, stable_over, share)
+    stable_p95, canary_p95 = threshold * 1000.0, _quantile(canary, 0.95) * 1000.0
+    # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
+    # the sample maximum, and the tail is already guarded by the exceedance test above.
+    ratio_upper = _quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
+        _quantile(stable, 0.5 - quantile_margin(len(stable), 0.5, promotion_alpha)), 1e-9
+    )
+    canary_p95_lower = _quantile(canary, 0.95 - quantile_margin(len(canary), 0.95, alpha)) * 1000.0
+    stats = {
+        "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_p95 / max(stable_p95, 1e-9),
+        "median_ratio_upper": ratio_upper, "canary_p95_lower_ms": canary_p95_lower,
+        "canary_over_stable_p95": canary_over, "stable_over_stable_p95": stable_over,
+        "canary_n": len(canary), "stable_n": len(stable),
+    }
+    args = (metric, stable_p95, canary_p95, allowed_increase)
+    if e_value >= 1.0 / alpha:
+        reason = (
+            f"{metric} {canary_p95:.1f} ms vs stable {stable_p95:.1f} ms: {canary_over}/{len(canary)} canary requests "
+            f"above stable's p95 (e-value {e_value:.3g} ≥ {1 / alpha:.3g})"
+        )
+        return MetricCheck(*args, "fail", reason, stats)
+    if absolute_limit_ms is not None and canary_p95_lower > absolute_limit_ms:
+        reason = f"{metric} {canary_p95:.1f} ms: above the {absolute_limit_ms:g} ms limit with confidence"
+        return MetricCheck(*args, "fail", reason, stats)
+    if ratio_upper <= allowed_increase:
+        return MetricCheck(*args, "pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats)
+    reason = f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
+    return MetricCheck(*args, "wait", reason, stats)
 
 
-def judge(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, min_requests: int) -> Verdict:
-    """PASS only with `min_requests` on both arms and every metric within its limits."""
+def _hallucination_check(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, alpha: float) -> MetricCheck:
+    """Feedback is optional and sparse: it can fail a canary, never hold one back."""
+    check = _rate_check(
+        "hallucination_rate", canary.hallucinations, canary.hallucination_reports, stable.hallucinations,
+        stable.hallucination_reports, health.max_hallucination_increase, None, alpha, health.promotion_alpha,
+    )
+    if check.decision == "fail":
+        return check
+    return MetricCheck(check.metric, check.stable, check.canary, check.limit, "pass", "no evidence of more hallucinations", check.stats)
+
+
+def judge(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, min_requests: int, alpha: float) -> Verdict:
+    """Judge one window; `alpha` is this window's false-rollback budget, split across metrics."""
+    per_metric = alpha / len(JUDGED_METRICS)
+    promo = health.promotion_alpha
     checks = (
-        _error_rate_check(stable, canary, health),
-        _latency_check(
-            "e2e_p95_ms", stable.e2e_s.quantile(0.95), canary.e2e_s.quantile(0.95),
-            health.max_latency_ms, health.max_latency_increase,
+        _rate_check(
+            "error_rate", canary.errors, canary.requests, stable.errors, stable.requests,
+            health.max_error_rate_increase, health.max_error_rate, per_metric, promo,
         ),
-        _latency_check(
-            "ttft_p95_ms", stable.ttft_s.quantile(0.95), canary.ttft_s.quantile(0.95),
-            health.max_ttft_ms, health.max_ttft_increase,
-        ),
+        _latency_check("ttft_p95_ms", stable.ttft_s.values, canary.ttft_s.values, health.max_ttft_increase, health.max_ttft_ms, per_metric, promo),
+        _latency_check("e2e_p95_ms", stable.e2e_s.values, canary.e2e_s.values, health.max_latency_increase, health.max_latency_ms, per_metric, promo),
+        _latency_check("itl_p95_ms", stable.itl_s.values, canary.itl_s.values, health.max_itl_increase, None, per_metric, promo),
+        _hallucination_check(stable, canary, health, per_metric),
     )
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
+    failed = [check for check in checks if check.decision == "fail"]
+    if failed:
+        return Verdict("fail", "; ".join(check.reason for check in failed), checks, **counts)
     if min(stable.requests, canary.requests) < min_requests:
         reason = (
             f"waiting for traffic: canary {canary.requests}/{min_requests}, "
             f"stable {stable.requests}/{min_requests} requests"
         )
         return Verdict("wait", reason, checks, **counts)
-    failed = [check for check in checks if check.decision == "fail"]
-    if failed:
-        return Verdict("fail", "; ".join(check.reason for check in failed), checks, **counts)
     waiting = [check for check in checks if check.decision == "wait"]
     if waiting:
         return Verdict("wait", "; ".join(f"{c.metric}: {c.reason}" for c in waiting), checks, **counts)
-    return Verdict("pass", "every metric within its limits", checks, **counts)
+    return Verdict("pass", "every metric shown within its allowed increase", checks, **counts)

@@ -87,6 +87,7 @@ class ArmAggregate:
     ratings: int = 0
     rating_sum: float = 0.0
     hallucinations: int = 0
+    hallucination_reports: int = 0
 
     def add(self, record: RequestRecord) -> None:
         if record.outcome == "cancelled":
@@ -110,8 +111,9 @@ class ArmAggregate:
         if rating is not None:
             self.ratings += 1
             self.rating_sum += rating
-        if hallucination:
-            self.hallucinations += 1
+        if hallucination is not None:
+            self.hallucination_reports += 1
+            self.hallucinations += int(hallucination)
 
     @property
     def error_rate(self) -> float | None:

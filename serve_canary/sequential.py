@@ -1,0 +1,96 @@
+"""Anytime-valid statistics: tests and confidence bounds that stay honest at every look.
+
+The judge looks every few seconds. A fixed-sample p-value checked that often crosses any
+threshold eventually; these do not. Each e-value is a nonnegative supermartingale under the
+null, so by Ville's inequality P(it ever reaches 1/α) ≤ α, however often it is checked.
+
+- `ratio_e_value`: is the canary's event rate ρ times stable's with ρ > 1? Conditioned on an
+  event (an error, a hallucination flag, a latency above stable's p95), it came from the
+  canary with probability θ = ρa / (ρa + 1 − a), a being the canary's share of the traffic;
+  the likelihood ratio against ρ = 1 is mixed over a grid of ρ > 1.
+- `proportion_bounds`: a confidence sequence for a Bernoulli rate (beta-binomial mixture).
+- `quantile_margin`: a time-uniform bound on an empirical CDF value at a quantile level, for
+  quantile bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+RHO_GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def share_to_theta(rho: float, share: float) -> float:
+    """P(an event is the canary's | an event) when the canary's rate is `rho` × stable's."""
+    return rho * share / (rho * share + 1.0 - share)
+
+
+def theta_to_ratio(theta: float, share: float) -> float:
+    """Inverse of `share_to_theta`: the rate ratio implied by a conditional share θ."""
+    if theta >= 1.0:
+        return math.inf
+    return theta * (1.0 - share) / (share * (1.0 - theta))
+
+
+def ratio_e_value(canary_events: int, stable_events: int, share: float, grid: tuple[float, ...] = RHO_GRID) -> float:
+    """E-value against "the canary's rate is no higher than stable's" (ρ ≤ 1)."""
+    if not 0.0 < share < 1.0 or canary_events + stable_events == 0:
+        return 1.0
+    log_terms = [
+        canary_events * math.log(theta / share) + stable_events * math.log((1.0 - theta) / (1.0 - share))
+        for theta in (share_to_theta(rho, share) for rho in grid)
+    ]
+    return math.exp(min(_logsumexp(log_terms) - math.log(len(grid)), 700.0))
+
+
+def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:
+    """log of the Beta(1/2, 1/2)-mixture likelihood ratio against a rate `theta`."""
+    failures = trials - successes
+    log_null = (successes * math.log(theta) if successes else 0.0) + (failures * math.log1p(-theta) if failures else 0.0)
+    return _log_beta(successes + 0.5, failures + 0.5) - _log_beta(0.5, 0.5) - log_null
+
+
+def proportion_bounds(successes: int, trials: int, alpha: float) -> tuple[float, float]:
+    """(lower, upper) confidence-sequence bounds on a rate, valid at every `trials` at once."""
+    if trials == 0:
+        return 0.0, 1.0
+    threshold = math.log(1.0 / alpha)
+    estimate = successes / trials
+
+    def inside(theta: float) -> bool:
+        return _log_mixture_martingale(successes, trials, theta) < threshold
+
+    def edge(outside: float, inner: float) -> float:
+        for _ in range(60):
+            middle = (outside + inner) / 2.0
+            if inside(middle):
+                inner = middle
+            else:
+                outside = middle
+        return inner
+
+    center = min(max(estimate, 1e-12), 1.0 - 1e-12)
+    lower = 0.0 if inside(1e-12) else edge(1e-12, center)
+    upper = 1.0 if inside(1.0 - 1e-12) else edge(1.0 - 1e-12, center)
+    return lower, upper
+
+
+def quantile_margin(n: int, level: float, alpha: float) -> float:
+    """Half-width, at every sample size n at once, of the empirical CDF at the `level` quantile.
+
+    A stitched Bernstein-type boundary (after Howard et al., 2021) for the mean of the
+    Bernoulli(level) indicators X ≤ q_level: a variance term plus a range term.
+    """
+    if n < 2:
+        return 1.0
+    log_term = math.log(math.log(2.0 * n)) + 0.72 * math.log(10.4 / alpha)
+    return 1.7 * math.sqrt(level * (1.0 - level) * log_term / n) + log_term / n

@@ -1,0 +1,99 @@
+"""The anytime-valid statistics against scipy references and under repeated looks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom, binomtest
+
+from serve_canary.sequential import (
+    RHO_GRID,
+    proportion_bounds,
+    quantile_margin,
+    ratio_e_value,
+    share_to_theta,
+    theta_to_ratio,
+)
+
+
+@pytest.mark.parametrize(("canary", "stable", "share"), [(0, 0, 0.05), (3, 57, 0.05), (30, 70, 0.2), (40, 60, 0.5), (9, 1, 0.5)])
+def test_e_value_is_the_grid_mixture_of_binomial_likelihood_ratios(canary, stable, share):
+    m = canary + stable
+    expected = np.mean([binom.pmf(canary, m, share_to_theta(rho, share)) / binom.pmf(canary, m, share) for rho in RHO_GRID])
+    assert math.isclose(ratio_e_value(canary, stable, share), expected, rel_tol=1e-9)
+
+
+def test_theta_and_ratio_are_inverse():
+    for share in (0.05, 0.2, 0.5):
+        for rho in (0.5, 1.0, 1.5, 4.0):
+            assert math.isclose(theta_to_ratio(share_to_theta(rho, share), share), rho)
+
+
+@pytest.mark.parametrize(("successes", "trials"), [(0, 50), (1, 100), (5, 100), (50, 100), (300, 1000), (100, 100)])
+def test_confidence_sequence_contains_the_fixed_sample_clopper_pearson_interval(successes, trials):
+    # Valid at every sample size at once, it must be at least as wide as scipy's
+    # fixed-sample exact interval at the same level.
+    lower, upper = proportion_bounds(successes, trials, 0.05)
+    exact = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="exact")
+    assert lower <= exact.low + 1e-9 and upper >= exact.high - 1e-9
+    assert upper - lower < 3 * (exact.high - exact.low) + 0.05  # and not uselessly wide
+
+
+def test_confidence_sequence_covers_the_truth_at_every_look():
+    rng = np.random.default_rng(11)
+    misses = 0
+    runs, looks, theta, alpha = 300, 400, 0.1, 0.05
+    for _ in range(runs):
+        draws = rng.random(looks) < theta
+        hits = np.cumsum(draws)
+        for n in range(10, looks + 1, 10):
+            lower, upper = proportion_bounds(int(hits[n - 1]), n, alpha)
+            if not lower <= theta <= upper:
+                misses += 1
+                break
+    assert misses / runs <= alpha
+
+
+def test_e_process_false_alarm_rate_under_a_a_stays_below_alpha_at_every_look():
+    """Equal rates; the e-value checked after every event for 500 events, 4000 times."""
+    rng = np.random.default_rng(2026)
+    alpha, runs, events = 0.05, 4000, 500
+    alarms = 0
+    for share in (0.05, 0.2, 0.5):
+        for _ in range(runs // 3):
+            from_canary = rng.random(events) < share
+            canary = np.cumsum(from_canary)
+            stable = np.arange(1, events + 1) - canary
+            if any(ratio_e_value(int(c), int(s), share) >= 1 / alpha for c, s in zip(canary[::5], stable[::5])):
+                alarms += 1
+    rate = alarms / (3 * (runs // 3))
+    # Ville's inequality: ≤ α. A fixed-sample test looked at 100 times would be far above.
+    assert rate <= alpha, rate
+    assert binomtest(alarms, 3 * (runs // 3), alpha, alternative="greater").pvalue > 0.01
+
+
+def test_e_process_detects_a_doubled_rate():
+    rng = np.random.default_rng(5)
+    share, theta = 0.2, share_to_theta(2.0, 0.2)
+    detected = 0
+    for _ in range(200):
+        from_canary = rng.random(600) < theta
+        c = int(from_canary.sum())
+        detected += ratio_e_value(c, 600 - c, share) >= 100
+    assert detected / 200 > 0.95
+
+
+@pytest.mark.parametrize("level", [0.5, 0.95])
+def test_quantile_margin_shrinks_and_covers_at_every_look(level):
+    assert quantile_margin(100, level, 0.05) > quantile_margin(10_000, level, 0.05) > 0
+    rng = np.random.default_rng(3)
+    misses = 0
+    for _ in range(500):
+        below = np.cumsum(rng.random(4000) <= level)
+        for n in range(20, 4001, 20):
+            if abs(below[n - 1] / n - level) > quantile_margin(n, level, 0.05):
+                misses += 1
+                break
+    assert misses / 500 <= 0.05
