@@ -25,6 +25,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
 
 ADMIN_TOKEN = "test-admin-token"
+OUTPUT_TOKENS = 6
 FAST_PHASES = [
     {"name": "init", "weight": 0.05, "min_duration_s": 1.0, "min_requests": 20},
     {"name": "early", "weight": 0.20, "min_duration_s": 1.0, "min_requests": 20},
@@ -53,7 +54,7 @@ def cluster() -> Iterator[dict[str, Any]]:
 
 def app_args(canary_engine: dict | None = None, stable_engine: dict | None = None, **overrides: Any) -> dict[str, Any]:
     """Application args with fast simulated engines and phases compressed to seconds."""
-    fast = {"ttft_ms": 20, "itl_ms": 5, "output_tokens": 6, "jitter": 0.1}
+    fast = {"ttft_ms": 20, "itl_ms": 5, "output_tokens": OUTPUT_TOKENS, "jitter": 0.1}
     args: dict[str, Any] = {
         "model_name": "test-llm",
         "stable": {"version": "v1", "engine": "simulated", "engine_args": {**fast, "seed": 1, **(stable_engine or {})}},

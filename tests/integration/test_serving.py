@@ -11,7 +11,7 @@ import pytest
 import ray
 from openai import OpenAI
 
-from .conftest import ADMIN_TOKEN, app_args, wait_for
+from .conftest import ADMIN_TOKEN, OUTPUT_TOKENS, app_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,8 @@ def test_openai_client_gets_completions_with_arm_headers(deploy):
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len(text.split()) == 8
-    assert chunks[-1].usage.completion_tokens == 8
+    assert len(text.split()) == OUTPUT_TOKENS
+    assert chunks[-1].usage.completion_tokens == OUTPUT_TOKENS
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
     completion = client.completions.create(model="test-llm", prompt="once upon", max_tokens=3)
@@ -87,7 +87,7 @@ def test_handle_methods_return_openai_dicts_and_stream_chunks(deploy):
     app = deploy(app_args(rollout=HOLD))
     body = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}], "user": "ada"}
     response = app.handle.chat.remote(body).result()
-    assert response["object"] == "chat.completion" and response["usage"]["completion_tokens"] == 8
+    assert response["object"] == "chat.completion" and response["usage"]["completion_tokens"] == OUTPUT_TOKENS
     chunks = list(app.handle.options(stream=True).chat.remote({**body, "stream": True}))
     assert chunks[0]["object"] == "chat.completion.chunk"
     assert chunks[0]["serve_canary"]["arm"] == response["serve_canary"]["arm"]  # sticky by `user`
