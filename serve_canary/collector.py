@@ -22,6 +22,9 @@ class MetricsCollector:
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         return self._ledger.window(window)
 
+    def windows(self, windows: list[str]) -> list[dict[Arm, ArmAggregate]]:
+        return [self._ledger.window(window) for window in windows]
+
     def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict | None:
         """Attribute feedback to the arm that served the request; None when the id is unknown."""
         attribution = self._ledger.add_feedback(request_id, rating, hallucination)

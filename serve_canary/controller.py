@@ -118,13 +118,12 @@ class RolloutController:
         if state.status in ("rolled_back", "complete"):
             return self.status()
         collector = ray.get_actor(collector_name(self._app_name), namespace=NAMESPACE)
-        window = await collector.window.remote(state.window)
+        windows = await collector.windows.remote(state.attempt_windows)
         if self._state is not state:  # an operator command moved the rollout meanwhile
             return self.status()
-        phases = self._config.rollout.phases
-        # The rollout's false-rollback budget, split across the phases that are judged.
-        alpha = self._config.health.alpha / (len(phases) - 1)
-        verdict = judge(window["stable"], window["canary"], self._config.health, phases[state.phase_index].min_requests, alpha)
+        window, earlier = windows[-1], [(w["stable"], w["canary"]) for w in windows[:-1]]
+        health, phase = self._config.health, self._config.rollout.phases[state.phase_index]
+        verdict = judge(window["stable"], window["canary"], health, phase.min_requests, health.alpha, earlier)
         self._last_verdict, self._evaluated_at = verdict, time.time()
         self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
         new_state = rollout.evaluate(

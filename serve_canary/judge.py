@@ -14,19 +14,22 @@ rollbacks:
   ratio, the tail being the exceedance test's job).
 - Otherwise WAIT, with the reason.
 
-α (the false-rollback budget the caller gives this window) is split evenly across metrics.
+The sequential tests run over the whole attempt (every window since the rollout started or
+restarted), each window at its own traffic share; α, the attempt's false-rollback budget, is
+split evenly across metrics.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
 from serve_canary.metrics import ArmAggregate
-from serve_canary.sequential import proportion_bounds, quantile_margin, ratio_e_value, theta_to_ratio
+from serve_canary.sequential import Segment, not_worse_than_e_value, proportion_bounds, quantile_margin, ratio_e_value
 
 Decision = Literal["pass", "wait", "fail"]
 JUDGED_METRICS = ("error_rate", "ttft_p95_ms", "e2e_p95_ms", "itl_p95_ms", "hallucination_rate")
@@ -67,22 +70,47 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def _share(canary_n: int, stable_n: int) -> float:
+    return canary_n / (canary_n + stable_n) if canary_n + stable_n else 0.0
+
+
+def _error_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
+    return canary.errors, stable.errors, _share(canary.requests, stable.requests)
+
+
+def _hallucination_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
+    return canary.hallucinations, stable.hallucinations, _share(canary.hallucination_reports, stable.hallucination_reports)
+
+
+def _exceedance_segment(stable: list[float], canary: list[float]) -> Segment:
+    """Samples above stable's p95 of the same window, per arm (inputs sorted)."""
+    if not stable or not canary:
+        return 0, 0, 0.0
+    threshold = _quantile(stable, 0.95)
+    return (
+        len(canary) - bisect_right(canary, threshold),
+        len(stable) - bisect_right(stable, threshold),
+        _share(len(canary), len(stable)),
+    )
+
+
 def _rate_check(
-    metric: str, canary_events: int, canary_n: int, stable_events: int, stable_n: int,
+    metric: str, canary_events: int, canary_n: int, stable_events: int, stable_n: int, earlier: list[Segment],
     allowed_increase: float, absolute_limit: float | None, alpha: float, promotion_alpha: float,
 ) -> MetricCheck:
     if canary_n == 0 or stable_n == 0:
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no data on one arm yet")
     share = canary_n / (canary_n + stable_n)
     stable_rate, canary_rate = stable_events / stable_n, canary_events / canary_n
-    e_value = ratio_e_value(canary_events, stable_events, share)
-    _, theta_upper = proportion_bounds(canary_events, canary_events + stable_events, promotion_alpha)
-    ratio_upper = theta_to_ratio(theta_upper, share) if canary_events + stable_events else math.inf
+    segments = [*earlier, (canary_events, stable_events, share)]
+    e_value = ratio_e_value(segments)
+    promotion_e = not_worse_than_e_value(segments, allowed_increase)
     rate_lower, _ = proportion_bounds(canary_events, canary_n, alpha)
     _, rate_upper = proportion_bounds(canary_events, canary_n, promotion_alpha)
     stats = {
         "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_rate / stable_rate if stable_rate else None,
-        "ratio_upper": ratio_upper, "canary_rate_bounds": [rate_lower, rate_upper], "canary_share": share,
+        "not_worse_e_value": promotion_e, "not_worse_threshold": 1.0 / promotion_alpha,
+        "canary_rate_bounds": [rate_lower, rate_upper], "canary_share": share,
         "canary_events": canary_events, "stable_events": stable_events, "canary_n": canary_n, "stable_n": stable_n,
     }
     args = (metric, stable_rate, canary_rate, allowed_increase)
@@ -92,17 +120,20 @@ def _rate_check(
     if absolute_limit is not None and rate_lower > absolute_limit:
         reason = f"{metric} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence (lower bound {rate_lower:.2%})"
         return MetricCheck(*args, "fail", reason, stats)
-    if ratio_upper <= allowed_increase:
-        return MetricCheck(*args, "pass", f"canary/stable ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats)
+    if promotion_e >= 1.0 / promotion_alpha:
+        return MetricCheck(*args, "pass", f"canary/stable shown below {allowed_increase:g} (e-value {promotion_e:.3g})", stats)
     if absolute_limit is not None and rate_upper <= absolute_limit:
         return MetricCheck(*args, "pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})", stats)
-    reason = f"not enough evidence: canary/stable could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
+    reason = (
+        f"not enough evidence that canary/stable < {allowed_increase:g} "
+        f"(e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g} needed)"
+    )
     return MetricCheck(*args, "wait", reason, stats)
 
 
 def _latency_check(
-    metric: str, stable_values: list[float], canary_values: list[float], allowed_increase: float,
-    absolute_limit_ms: float | None, alpha: float, promotion_alpha: float,
+    metric: str, stable_values: list[float], canary_values: list[float], earlier: list[Segment],
+    allowed_increase: float, absolute_limit_ms: float | None, alpha: float, promotion_alpha: float,
 ) -> MetricCheck:
     if not stable_values and not canary_values:
         return MetricCheck(metric, None, None, allowed_increase, "pass", "no samples on either arm: nothing to compare")
@@ -110,10 +141,8 @@ def _latency_check(
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no latency samples on one arm yet")
     stable, canary = sorted(stable_values), sorted(canary_values)
     threshold = _quantile(stable, 0.95)
-    canary_over = len(canary) - bisect_right(canary, threshold)
-    stable_over = len(stable) - bisect_right(stable, threshold)
-    share = len(canary) / (len(canary) + len(stable))
-    e_value = ratio_e_value(canary_over, stable_over, share)
+    canary_over, stable_over, share = segment = _exceedance_segment(stable, canary)
+    e_value = ratio_e_value([*earlier, segment])
     stable_p95, canary_p95 = threshold * 1000.0, _quantile(canary, 0.95) * 1000.0
     # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
     # the sample maximum, and the tail is already guarded by the exceedance test above.
@@ -143,30 +172,51 @@ def _latency_check(
     return MetricCheck(*args, "wait", reason, stats)
 
 
-def _hallucination_check(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, alpha: float) -> MetricCheck:
+def _hallucination_check(
+    stable: ArmAggregate, canary: ArmAggregate, earlier: list[Segment], health: HealthConfig, alpha: float
+) -> MetricCheck:
     """Feedback is optional and sparse: it can fail a canary, never hold one back."""
     check = _rate_check(
         "hallucination_rate", canary.hallucinations, canary.hallucination_reports, stable.hallucinations,
-        stable.hallucination_reports, health.max_hallucination_increase, None, alpha, health.promotion_alpha,
+        stable.hallucination_reports, earlier, health.max_hallucination_increase, None, alpha, health.promotion_alpha,
     )
     if check.decision == "fail":
         return check
     return MetricCheck(check.metric, check.stable, check.canary, check.limit, "pass", "no evidence of more hallucinations", check.stats)
 
 
-def judge(stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, min_requests: int, alpha: float) -> Verdict:
-    """Judge one window; `alpha` is this window's false-rollback budget, split across metrics."""
+WindowPair = tuple[ArmAggregate, ArmAggregate]  # (stable, canary) of one window
+
+
+def judge(
+    stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, min_requests: int, alpha: float,
+    earlier: Sequence[WindowPair] = (),
+) -> Verdict:
+    """Judge the current window. The sequential tests also count `earlier` windows of the same
+    attempt (each at its own traffic share), so evidence carries across phase changes; the
+    promotion bounds use the current window only. `alpha`, the attempt's false-rollback
+    budget, is split across metrics."""
     per_metric = alpha / len(JUDGED_METRICS)
     promo = health.promotion_alpha
+    previous = [(s, c) for s, c in earlier]
+    sorted_earlier = {
+        name: [_exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in previous]
+        for name in ("ttft_s", "e2e_s", "itl_s")
+    }
+
+    def latency(metric: str, name: str, increase: float, limit: float | None) -> MetricCheck:
+        values = (getattr(stable, name).values, getattr(canary, name).values)
+        return _latency_check(metric, *values, sorted_earlier[name], increase, limit, per_metric, promo)
+
     checks = (
         _rate_check(
             "error_rate", canary.errors, canary.requests, stable.errors, stable.requests,
-            health.max_error_rate_increase, health.max_error_rate, per_metric, promo,
+            [_error_segment(s, c) for s, c in previous], health.max_error_rate_increase, health.max_error_rate, per_metric, promo,
         ),
-        _latency_check("ttft_p95_ms", stable.ttft_s.values, canary.ttft_s.values, health.max_ttft_increase, health.max_ttft_ms, per_metric, promo),
-        _latency_check("e2e_p95_ms", stable.e2e_s.values, canary.e2e_s.values, health.max_latency_increase, health.max_latency_ms, per_metric, promo),
-        _latency_check("itl_p95_ms", stable.itl_s.values, canary.itl_s.values, health.max_itl_increase, None, per_metric, promo),
-        _hallucination_check(stable, canary, health, per_metric),
+        latency("ttft_p95_ms", "ttft_s", health.max_ttft_increase, health.max_ttft_ms),
+        latency("e2e_p95_ms", "e2e_s", health.max_latency_increase, health.max_latency_ms),
+        latency("itl_p95_ms", "itl_s", health.max_itl_increase, None),
+        _hallucination_check(stable, canary, [_hallucination_segment(s, c) for s, c in previous], health, per_metric),
     )
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
     failed = [check for check in checks if check.decision == "fail"]

@@ -49,6 +49,7 @@ class RolloutState(BaseModel):
     weight: float
     phase_started_at: float  # start of the current metrics window
     window_seq: int
+    attempt_first_window: int
     table_version: int
     events: tuple[Event, ...]
 
@@ -56,6 +57,11 @@ class RolloutState(BaseModel):
     def window(self) -> str:
         """Metrics window id: canary and stable are judged on records from the same window."""
         return f"{self.rollout_id}/{self.attempt}/{self.window_seq}"
+
+    @property
+    def attempt_windows(self) -> list[str]:
+        """Every window of this attempt, oldest first, the current one last."""
+        return [f"{self.rollout_id}/{self.attempt}/{seq}" for seq in range(self.attempt_first_window, self.window_seq + 1)]
 
 
 def _move(
@@ -75,6 +81,7 @@ def _move(
     weight = state.weight if weight is None else weight
     attempt = state.attempt if attempt is None else attempt
     new_window = (phase_index, weight, attempt) != (state.phase_index, state.weight, state.attempt)
+    window_seq = state.window_seq + 1 if new_window else state.window_seq
     event = Event(
         at=now, action=action, from_status=state.status, to_status=to_status,
         phase=phases[phase_index].name, weight=weight, reason=reason, evidence=evidence,
@@ -85,7 +92,8 @@ def _move(
             phase_index=phase_index,
             weight=weight,
             attempt=attempt,
-            window_seq=state.window_seq + 1 if new_window else state.window_seq,
+            window_seq=window_seq,
+            attempt_first_window=window_seq if attempt != state.attempt else state.attempt_first_window,
             phase_started_at=now if new_window else state.phase_started_at,
             table_version=state.table_version + 1,
             events=(*state.events, event)[-MAX_EVENTS:],
@@ -105,7 +113,7 @@ def start(
     return RolloutState(
         rollout_id=rollout_id, stable_version=stable_version, canary_version=canary_version,
         attempt=1, phase_index=0, status="running", weight=first.weight, phase_started_at=now,
-        window_seq=0, table_version=1, events=(event,),
+        window_seq=0, attempt_first_window=0, table_version=1, events=(event,),
     )
 
 

@@ -8,6 +8,7 @@ null, so by Ville's inequality P(it ever reaches 1/α) ≤ α, however often it 
   event (an error, a hallucination flag, a latency above stable's p95), it came from the
   canary with probability θ = ρa / (ρa + 1 − a), a being the canary's share of the traffic;
   the likelihood ratio against ρ = 1 is mixed over a grid of ρ > 1.
+- `not_worse_than_e_value`: the dual, against "at least T× worse", for promotion.
 - `proportion_bounds`: a confidence sequence for a Bernoulli rate (beta-binomial mixture).
 - `quantile_margin`: a time-uniform bound on an empirical CDF value at a quantile level, for
   quantile bounds.
@@ -16,6 +17,7 @@ null, so by Ville's inequality P(it ever reaches 1/α) ≤ α, however often it 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 RHO_GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
 
@@ -34,22 +36,34 @@ def share_to_theta(rho: float, share: float) -> float:
     return rho * share / (rho * share + 1.0 - share)
 
 
-def theta_to_ratio(theta: float, share: float) -> float:
-    """Inverse of `share_to_theta`: the rate ratio implied by a conditional share θ."""
-    if theta >= 1.0:
-        return math.inf
-    return theta * (1.0 - share) / (share * (1.0 - theta))
+Segment = tuple[int, int, float]  # (canary events, stable events, canary share) under one weight
 
 
-def ratio_e_value(canary_events: int, stable_events: int, share: float, grid: tuple[float, ...] = RHO_GRID) -> float:
-    """E-value against "the canary's rate is no higher than stable's" (ρ ≤ 1)."""
-    if not 0.0 < share < 1.0 or canary_events + stable_events == 0:
+def ratio_e_value(segments: Sequence[Segment], null_ratio: float = 1.0, alternatives: tuple[float, ...] = RHO_GRID) -> float:
+    """E-value against "the canary/stable rate ratio is `null_ratio`", mixed over alternatives.
+
+    With alternatives above the null (the default: worse than stable) it tests "the canary is
+    worse"; with alternatives below a tolerance T it tests "the canary is at least T× worse",
+    whose rejection is the evidence promotion needs. Events are grouped by the traffic share
+    they were served under, so one e-process runs across phase changes: each segment
+    multiplies in its own likelihood ratio.
+    """
+    live = [(c, s, a) for c, s, a in segments if 0.0 < a < 1.0 and c + s > 0]
+    if not live:
         return 1.0
-    log_terms = [
-        canary_events * math.log(theta / share) + stable_events * math.log((1.0 - theta) / (1.0 - share))
-        for theta in (share_to_theta(rho, share) for rho in grid)
-    ]
-    return math.exp(min(_logsumexp(log_terms) - math.log(len(grid)), 700.0))
+    log_terms = []
+    for rho in alternatives:
+        log_lr = 0.0
+        for canary_events, stable_events, share in live:
+            theta, theta_null = share_to_theta(rho, share), share_to_theta(null_ratio, share)
+            log_lr += canary_events * math.log(theta / theta_null) + stable_events * math.log((1.0 - theta) / (1.0 - theta_null))
+        log_terms.append(log_lr)
+    return math.exp(min(_logsumexp(log_terms) - math.log(len(alternatives)), 700.0))
+
+
+def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float) -> float:
+    """E-value against "the canary's rate is at least `tolerance` × stable's"."""
+    return ratio_e_value(segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)))
 
 
 def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:

@@ -142,3 +142,12 @@ def test_state_round_trips_through_json():
 
     state = walk_to_approval()
     assert RolloutState.model_validate_json(state.model_dump_json()) == state
+
+
+def test_attempt_windows_span_the_phases_of_one_attempt_only():
+    state = walk_to_approval()
+    assert state.attempt_windows == [f"v1..v2/1/{seq}" for seq in range(0, 3)]
+    again = restart(evaluate(state, FAIL, PHASES, 40, True), PHASES, 41)
+    assert again.attempt_windows == [again.window] and again.window.startswith("v1..v2/2/")
+    promoted = evaluate(again, PASS, PHASES, 51, True)
+    assert promoted.attempt_windows == [again.window, promoted.window]

@@ -14,7 +14,6 @@ from serve_canary.sequential import (
     quantile_margin,
     ratio_e_value,
     share_to_theta,
-    theta_to_ratio,
 )
 
 
@@ -22,13 +21,7 @@ from serve_canary.sequential import (
 def test_e_value_is_the_grid_mixture_of_binomial_likelihood_ratios(canary, stable, share):
     m = canary + stable
     expected = np.mean([binom.pmf(canary, m, share_to_theta(rho, share)) / binom.pmf(canary, m, share) for rho in RHO_GRID])
-    assert math.isclose(ratio_e_value(canary, stable, share), expected, rel_tol=1e-9)
-
-
-def test_theta_and_ratio_are_inverse():
-    for share in (0.05, 0.2, 0.5):
-        for rho in (0.5, 1.0, 1.5, 4.0):
-            assert math.isclose(theta_to_ratio(share_to_theta(rho, share), share), rho)
+    assert math.isclose(ratio_e_value([(canary, stable, share)]), expected, rel_tol=1e-9)
 
 
 @pytest.mark.parametrize(("successes", "trials"), [(0, 50), (1, 100), (5, 100), (50, 100), (300, 1000), (100, 100)])
@@ -66,7 +59,7 @@ def test_e_process_false_alarm_rate_under_a_a_stays_below_alpha_at_every_look():
             from_canary = rng.random(events) < share
             canary = np.cumsum(from_canary)
             stable = np.arange(1, events + 1) - canary
-            if any(ratio_e_value(int(c), int(s), share) >= 1 / alpha for c, s in zip(canary[::5], stable[::5])):
+            if any(ratio_e_value([(int(c), int(s), share)]) >= 1 / alpha for c, s in zip(canary[::5], stable[::5])):
                 alarms += 1
     rate = alarms / (3 * (runs // 3))
     # Ville's inequality: ≤ α. A fixed-sample test looked at 100 times would be far above.
@@ -81,7 +74,7 @@ def test_e_process_detects_a_doubled_rate():
     for _ in range(200):
         from_canary = rng.random(600) < theta
         c = int(from_canary.sum())
-        detected += ratio_e_value(c, 600 - c, share) >= 100
+        detected += ratio_e_value([(c, 600 - c, share)]) >= 100
     assert detected / 200 > 0.95
 
 
@@ -97,3 +90,42 @@ def test_quantile_margin_shrinks_and_covers_at_every_look(level):
                 misses += 1
                 break
     assert misses / 500 <= 0.05
+
+
+def test_segments_multiply_likelihood_ratios_across_shares():
+    one = ratio_e_value([(3, 57, 0.05), (30, 70, 0.2)])
+    expected = np.mean([
+        binom.pmf(3, 60, share_to_theta(rho, 0.05)) / binom.pmf(3, 60, 0.05)
+        * binom.pmf(30, 100, share_to_theta(rho, 0.2)) / binom.pmf(30, 100, 0.2)
+        for rho in RHO_GRID
+    ])
+    assert math.isclose(one, expected, rel_tol=1e-9)
+
+
+def test_e_process_across_phase_changes_keeps_its_false_alarm_rate():
+    """A/A through 5 % → 20 % → 50 % phases, looked at every 5 events."""
+    rng = np.random.default_rng(7)
+    alpha, runs, alarms = 0.05, 1500, 0
+    for _ in range(runs):
+        segments, fired = [], False
+        for share in (0.05, 0.2, 0.5):
+            canary = stable = 0
+            for _ in range(40):
+                hits = int((rng.random(5) < share).sum())
+                canary, stable = canary + hits, stable + 5 - hits
+                if ratio_e_value([*segments, (canary, stable, share)]) >= 1 / alpha:
+                    fired = True
+                    break
+            if fired:
+                break
+            segments.append((canary, stable, share))
+        alarms += fired
+    assert alarms / runs <= alpha
+
+
+def test_not_worse_than_e_value_grows_for_equal_arms_and_not_for_a_worse_canary():
+    from serve_canary.sequential import not_worse_than_e_value
+
+    equal = not_worse_than_e_value([(50, 950, 0.05), (200, 800, 0.2)], 1.5)
+    worse = not_worse_than_e_value([(100, 950, 0.05), (400, 800, 0.2)], 1.5)
+    assert equal >= 10 and worse < 1

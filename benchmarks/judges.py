@@ -1,0 +1,153 @@
+"""Reference judges the benchmark compares serve-canary's judge with.
+
+- `SeedJudge`: the mission seed's rule as DESIGN.md describes it: cumulative means, error
+  rate ≤ 1 % and latency ≤ 2000 ms, canary ≤ 1.5 × stable for both (the latency factor reused
+  for errors), and no requests counted as healthy.
+- `FlaggerJudge`: Flagger-style: each interval, threshold checks on the canary's metrics over
+  that interval (success rate ≥ 99 %, p99 latency ≤ a fixed bound); a failed-check counter
+  rolls back at 5.
+- `KayentaJudge`: Kayenta-style: a Mann-Whitney U test per metric on the window's samples,
+  a Hodges-Lehmann shift with its confidence interval, an effect-size gate, and a score; it
+  is a fixed-sample test, here repeated every interval as a live canary does.
+
+Each judge is `decide(window_stable, window_canary, last_stable, last_canary, min_requests,
+earlier)` → "pass" | "wait" | "fail"; `last_*` hold only the latest interval, `earlier` the
+attempt's previous windows (only serve-canary's sequential tests use them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import mannwhitneyu, norm
+
+from serve_canary.config import HealthConfig
+from serve_canary.judge import judge
+from serve_canary.metrics import ArmAggregate
+
+
+class ServeCanaryJudge:
+    name = "serve-canary"
+
+    def __init__(self, health: HealthConfig) -> None:
+        self.health = health
+
+    def reset(self) -> None:
+        """Stateless: every verdict is a function of the attempt's windows."""
+
+    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, min_requests: int, earlier: list) -> str:
+        return judge(stable, canary, self.health, min_requests, self.health.alpha, earlier).decision
+
+
+class SeedJudge:
+    name = "seed"
+
+    def reset(self) -> None:
+        """Stateless."""
+
+    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, _min: int, _earlier: list) -> str:
+        if canary.requests == 0:
+            return "pass"  # as written: no traffic is healthy
+        canary_err = canary.errors / canary.requests
+        stable_err = stable.errors / stable.requests if stable.requests else 0.0
+        canary_lat = float(np.mean(canary.e2e_s.values)) * 1000.0 if canary.e2e_s.values else 0.0
+        stable_lat = float(np.mean(stable.e2e_s.values)) * 1000.0 if stable.e2e_s.values else 0.0
+        healthy = (
+            canary_err <= 0.01 and canary_lat <= 2000.0
+            and canary_err <= 1.5 * stable_err and canary_lat <= 1.5 * stable_lat
+        )
+        return "pass" if healthy else "fail"
+
+
+class FlaggerJudge:
+    name = "flagger"
+
+    def __init__(self, p99_limit_ms: float, threshold: int = 5) -> None:
+        self.p99_limit_ms, self.threshold, self.failed = p99_limit_ms, threshold, 0
+
+    def reset(self) -> None:
+        self.failed = 0
+
+    def decide(self, _s: ArmAggregate, _c: ArmAggregate, _ls: ArmAggregate, last_canary: ArmAggregate, _min: int, _earlier: list) -> str:
+        if last_canary.requests == 0:
+            return "wait"
+        success = 1.0 - last_canary.errors / last_canary.requests
+        p99 = last_canary.e2e_s.quantile(0.99)
+        if success >= 0.99 and (p99 is None or p99 * 1000.0 <= self.p99_limit_ms):
+            return "pass"
+        self.failed += 1
+        return "fail" if self.failed >= self.threshold else "wait"
+
+
+@dataclass(frozen=True)
+class ShiftTest:
+    p_value: float
+    shift: float  # Hodges-Lehmann estimate of canary − stable
+    low: float
+    high: float
+
+
+def hodges_lehmann(stable: np.ndarray, canary: np.ndarray, confidence: float) -> ShiftTest:
+    """Two-sided Mann-Whitney p-value and the distribution-free CI of the location shift."""
+    p_value = float(mannwhitneyu(canary, stable, alternative="two-sided").pvalue)
+    differences = np.sort(np.subtract.outer(canary, stable).ravel())
+    n, m = len(canary), len(stable)
+    z = norm.ppf(0.5 + confidence / 2.0)
+    k = int(math.floor(n * m / 2.0 - z * math.sqrt(n * m * (n + m + 1) / 12.0)))
+    k = min(max(k, 0), len(differences) - 1)
+    return ShiftTest(p_value, float(np.median(differences)), float(differences[k]), float(differences[-k - 1]))
+
+
+def binary_mannwhitney_p(x_stable: int, n_stable: int, x_canary: int, n_canary: int) -> float:
+    """Mann-Whitney's two-sided asymptotic p-value (tie- and continuity-corrected) for 0/1 data,
+    from counts, so that error indicators of large windows need no arrays."""
+    n1, n2 = n_canary, n_stable
+    ones, zeros = x_canary + x_stable, (n1 - x_canary) + (n2 - x_stable)
+    if ones == 0 or zeros == 0:
+        return 1.0
+    u = x_canary * (n2 - x_stable) + 0.5 * (x_canary * x_stable + (n1 - x_canary) * (n2 - x_stable))
+    n = n1 + n2
+    tie_term = (ones**3 - ones) + (zeros**3 - zeros)
+    sigma = math.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))))
+    z = (abs(u - n1 * n2 / 2.0) - 0.5) / sigma
+    return float(min(1.0, 2.0 * norm.sf(max(z, 0.0))))
+
+
+class KayentaJudge:
+    """Score = share of metrics not classified High; below 75 fails, else passes."""
+
+    name = "kayenta"
+    CI_SAMPLE = 300  # the shift's CI from a uniform subsample: all pairwise differences cost O(n·m)
+
+    def __init__(self, confidence: float = 0.95, allowed_increase: float = 1.05, name: str = "kayenta") -> None:
+        self.confidence, self.allowed_increase, self.name = confidence, allowed_increase, name
+
+    def reset(self) -> None:
+        """Stateless."""
+
+    def _latency_high(self, stable: list[float], canary: list[float]) -> bool:
+        s, c = np.asarray(stable), np.asarray(canary)
+        p_value = float(mannwhitneyu(c, s, alternative="two-sided").pvalue)
+        if p_value >= 1.0 - self.confidence:
+            return False
+        shift = hodges_lehmann(s[: self.CI_SAMPLE], c[: self.CI_SAMPLE], self.confidence)
+        significant = shift.low > 0.0
+        return significant and float(np.mean(c)) > self.allowed_increase * float(np.mean(s))
+
+    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, min_requests: int, _earlier: list) -> str:
+        if min(stable.requests, canary.requests) < min_requests:
+            return "wait"
+        stable_rate, canary_rate = stable.errors / stable.requests, canary.errors / canary.requests
+        error_high = (
+            binary_mannwhitney_p(stable.errors, stable.requests, canary.errors, canary.requests) < 1.0 - self.confidence
+            and canary_rate > self.allowed_increase * stable_rate
+        )
+        high = [error_high]
+        for metric in ("ttft_s", "e2e_s"):
+            s, c = getattr(stable, metric).values, getattr(canary, metric).values
+            if s and c:
+                high.append(self._latency_high(s, c))
+        score = 100.0 * (1.0 - sum(high) / len(high))
+        return "fail" if score < 75.0 else "pass"
