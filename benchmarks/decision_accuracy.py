@@ -67,7 +67,8 @@ def make_judges() -> list:
     return [
         ServeCanaryJudge(health),
         KayentaJudge(),
-        KayentaJudge(confidence=0.9995, name="kayenta (strict)"),
+        KayentaJudge(confidence=0.9995, name="kayenta (99.95 %)"),
+        KayentaJudge(confidence=0.99995, name="kayenta (99.995 %)"),
         FlaggerJudge(p99_limit_ms=1.25 * baseline_p99_ms),
         SeedJudge(),
     ]

@@ -8,10 +8,13 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from serve_canary.rollout import TransitionError
 
@@ -22,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--app", default="llm", help="Serve application name (default: llm)")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="phase, weight, verdict and recent events")
+    status = commands.add_parser("status", help="phase, weight, verdict and recent events")
+    status.add_argument("--watch", action="store_true", help="a live view, refreshed every --interval seconds")
+    status.add_argument("--interval", type=float, default=1.0)
     commands.add_parser("pause", help="stop automatic promotion (rollback on FAIL stays on)")
     commands.add_parser("resume", help="resume automation at the current phase's weight")
     commands.add_parser("approve", help="approve the phase that awaits approval")
@@ -33,36 +38,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def render_status(status: dict[str, Any], console: Console) -> None:
-    """A human summary of a status dict."""
-    phases = " → ".join(
-        f"[bold reverse]{p['name']} {p['weight']:.0%}[/]" if i == status["phase_index"] else f"{p['name']} {p['weight']:.0%}"
-        for i, p in enumerate(status["phases"])
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def status_view(status: dict[str, Any]) -> Group:
+    """The rollout at a glance: phases, weight, what it waits for, the verdict, recent events."""
+    phases = Text()
+    for i, phase in enumerate(status["phases"]):
+        label = f" {phase['name']} {phase['weight']:.0%}{' ✋' if phase['approval'] else ''} "
+        style = "bold white on blue" if i == status["phase_index"] else ("green" if i < status["phase_index"] else "dim")
+        phases.append(label, style=style)
+        if i < len(status["phases"]) - 1:
+            phases.append(" → ", style="dim")
+    header = Text.assemble(
+        (f"{status['app']} ", "bold"), f"{status['stable_version']} → {status['canary_version']} ",
+        (f"(rollout {status['rollout_id']}, attempt {status['attempt']})", "dim"),
     )
-    console.print(f"[bold]{status['app']}[/] {status['stable_version']} → {status['canary_version']} (attempt {status['attempt']})")
-    console.print(f"status [bold]{status['status']}[/]  canary weight [bold]{status['canary_weight']:.0%}[/]  "
-                  f"time in phase {status['time_in_phase_s']:.0f} s")
-    console.print(f"phases: {phases}")
+    facts = Text.assemble(
+        "status ", (status["status"], "bold red" if status["status"] == "rolled_back" else "bold"),
+        "   canary weight ", (f"{status['canary_weight']:.0%}", "bold"),
+        f"   time in phase {status['time_in_phase_s']:.0f} s",
+    )
+    parts: list[Any] = [header, phases, facts]
     if status["waiting_for"]:
-        console.print(f"waiting for: {status['waiting_for']}")
+        parts.append(Text(f"waiting for: {status['waiting_for']}", style="yellow"))
     verdict = status.get("last_verdict")
     if verdict:
-        table = Table(title=f"verdict: {verdict['decision'].upper()} — {verdict['reason']}")
-        for column in ("metric", "stable", "canary", "limit", "decision"):
+        table = Table(title=f"verdict {verdict['decision'].upper()}: {verdict['reason']}", title_justify="left", expand=True)
+        for column in ("metric", "stable", "canary", "allowed", "e-value", "decision"):
             table.add_column(column)
+        colours = {"pass": "green", "wait": "yellow", "fail": "bold red"}
         for check in verdict["checks"]:
-            fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-            table.add_row(check["metric"], fmt(check["stable"]), fmt(check["canary"]), fmt(check["limit"]), check["decision"])
-        console.print(table)
-    events = Table(title="recent events")
+            table.add_row(
+                check["metric"], _fmt(check["stable"]), _fmt(check["canary"]), _fmt(check["limit"]),
+                _fmt(check["stats"].get("e_value")), Text(check["decision"], style=colours[check["decision"]]),
+            )
+        parts.append(table)
+    events = Table(title="recent events", title_justify="left", expand=True)
     for column in ("at", "action", "to", "phase", "weight", "reason"):
         events.add_column(column)
-    from datetime import datetime
-
     for event in status["events"][-8:]:
         at = datetime.fromtimestamp(event["at"]).strftime("%H:%M:%S")
         events.add_row(at, event["action"], event["to_status"], event["phase"], f"{event['weight']:.0%}", event["reason"])
-    console.print(events)
+    parts.append(events)
+    return Group(*parts)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +91,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     client = ControllerClient.for_app(args.app)
     if args.command == "set-weight":
         return await client.set_weight(args.weight)
+    if args.command == "status" and args.watch:
+        with Live(status_view(await client.status()), auto_refresh=False) as live:
+            while True:
+                await asyncio.sleep(args.interval)
+                live.update(status_view(await client.status()), refresh=True)
     return await getattr(client, args.command)()
 
 
@@ -86,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         status = asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        return 0
     except TransitionError as exc:
         print(f"serve-canary: {exc}", file=sys.stderr)
         return 1
@@ -95,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        render_status(status, Console())
+        Console().print(status_view(status))
     return 0
 
 

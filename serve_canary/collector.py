@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import ray
 
+from typing import Any
+
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
+from serve_canary.prometheus import PrometheusExporter
 from serve_canary.routing import Arm
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MetricsCollector:
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         self._ledger = MetricsLedger()
+        self._exporter = PrometheusExporter(model)
 
     def record(self, records: list[RequestRecord]) -> None:
         self._ledger.add(records)
+        self._exporter.record(records)
+
+    def rollout(self, status: dict[str, Any]) -> None:
+        """The controller's latest status, for the rollout gauges."""
+        self._exporter.rollout(status)
+
+    def prometheus(self) -> bytes:
+        return self._exporter.exposition()
 
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         return self._ledger.window(window)
@@ -28,4 +40,7 @@ class MetricsCollector:
     def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict | None:
         """Attribute feedback to the arm that served the request; None when the id is unknown."""
         attribution = self._ledger.add_feedback(request_id, rating, hallucination)
-        return None if attribution is None else {"arm": attribution.arm, "version": attribution.version}
+        if attribution is None:
+            return None
+        self._exporter.feedback(attribution.arm, attribution.version, rating, hallucination)
+        return {"arm": attribution.arm, "version": attribution.version}

@@ -84,7 +84,15 @@ class RolloutController:
         self._table = table_for(state, self._config)
         self._changed.set()
         self._changed = asyncio.Event()
+        self._publish_status()
         logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
+
+    def _publish_status(self) -> None:
+        """Fire-and-forget: the collector mirrors the status into Prometheus gauges."""
+        try:
+            ray.get_actor(collector_name(self._app_name), namespace=NAMESPACE).rollout.remote(self.status())
+        except ValueError:
+            logger.warning("no metrics collector yet; rollout gauges not updated")
 
     async def configure(self, config: dict[str, Any]) -> None:
         """Adopt a (re)deployed config: a new version pair starts a new rollout."""
@@ -131,6 +139,8 @@ class RolloutController:
         )
         if new_state is not state:
             await self._commit(new_state)
+        else:
+            self._publish_status()
         return self.status()
 
     # -- routing ----------------------------------------------------------------------------
@@ -217,7 +227,7 @@ class RolloutController:
 def start_actors(app_name: str, config: CanaryConfig) -> tuple[ray.actor.ActorHandle, ray.actor.ActorHandle]:
     """Get or create the app's detached collector and controller (idempotent across replicas)."""
     common = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
-    collector = MetricsCollector.options(name=collector_name(app_name), **common).remote()
+    collector = MetricsCollector.options(name=collector_name(app_name), **common).remote(config.model_name)
     controller = RolloutController.options(name=controller_name(app_name), **common).remote(
         app_name, config.model_dump(mode="json")
     )

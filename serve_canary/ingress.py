@@ -14,11 +14,13 @@ import logging
 import os
 import time
 import uuid
+from importlib import resources
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, ValidationError
 import ray
 from ray import serve
@@ -45,6 +47,7 @@ FLUSH_INTERVAL_S = 0.5
 LONG_POLL_TIMEOUT_S = 30.0
 logger = logging.getLogger("serve_canary.ingress")
 
+STATUS_PAGE = resources.files("serve_canary").joinpath("status_page.html").read_text()
 api = FastAPI(title="serve-canary", docs_url=None, redoc_url=None)
 
 
@@ -289,6 +292,17 @@ class CanaryIngress:
     async def http_models(self) -> dict[str, Any]:
         model = {"id": self._config.model_name, "object": "model", "created": 0, "owned_by": "serve-canary"}
         return {"object": "list", "data": [model]}
+
+    @api.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """Prometheus exposition of every replica's requests and the rollout's state."""
+        self._flush()
+        return Response(await self._collector.prometheus.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/-/canary/")
+    async def http_status_page(self) -> HTMLResponse:
+        """A self-contained page (no external assets) that polls the status route."""
+        return HTMLResponse(STATUS_PAGE)
 
     @api.get("/-/canary/status")
     async def http_status(self) -> dict[str, Any]:

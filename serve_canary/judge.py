@@ -16,7 +16,7 @@ rollbacks:
 
 The sequential tests run over the whole attempt (every window since the rollout started or
 restarted), each window at its own traffic share; α, the attempt's false-rollback budget, is
-split evenly across metrics.
+split across metrics (`ALPHA_SHARES`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from serve_canary.metrics import ArmAggregate
 from serve_canary.sequential import Segment, not_worse_than_e_value, proportion_bounds, quantile_margin, ratio_e_value
 
 Decision = Literal["pass", "wait", "fail"]
-JUDGED_METRICS = ("error_rate", "ttft_p95_ms", "e2e_p95_ms", "itl_p95_ms", "hallucination_rate")
+# Each metric's share of the false-rollback budget α; errors matter most and are rarest.
+ALPHA_SHARES = {"error_rate": 0.4, "ttft_p95_ms": 0.15, "e2e_p95_ms": 0.15, "itl_p95_ms": 0.15, "hallucination_rate": 0.15}
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def judge(
     attempt (each at its own traffic share), so evidence carries across phase changes; the
     promotion bounds use the current window only. `alpha`, the attempt's false-rollback
     budget, is split across metrics."""
-    per_metric = alpha / len(JUDGED_METRICS)
+    budget = {metric: alpha * share for metric, share in ALPHA_SHARES.items()}
     promo = health.promotion_alpha
     previous = [(s, c) for s, c in earlier]
     sorted_earlier = {
@@ -206,17 +207,20 @@ def judge(
 
     def latency(metric: str, name: str, increase: float, limit: float | None) -> MetricCheck:
         values = (getattr(stable, name).values, getattr(canary, name).values)
-        return _latency_check(metric, *values, sorted_earlier[name], increase, limit, per_metric, promo)
+        return _latency_check(metric, *values, sorted_earlier[name], increase, limit, budget[metric], promo)
 
     checks = (
         _rate_check(
             "error_rate", canary.errors, canary.requests, stable.errors, stable.requests,
-            [_error_segment(s, c) for s, c in previous], health.max_error_rate_increase, health.max_error_rate, per_metric, promo,
+            [_error_segment(s, c) for s, c in previous], health.max_error_rate_increase, health.max_error_rate,
+            budget["error_rate"], promo,
         ),
         latency("ttft_p95_ms", "ttft_s", health.max_ttft_increase, health.max_ttft_ms),
         latency("e2e_p95_ms", "e2e_s", health.max_latency_increase, health.max_latency_ms),
         latency("itl_p95_ms", "itl_s", health.max_itl_increase, None),
-        _hallucination_check(stable, canary, [_hallucination_segment(s, c) for s, c in previous], health, per_metric),
+        _hallucination_check(
+            stable, canary, [_hallucination_segment(s, c) for s, c in previous], health, budget["hallucination_rate"]
+        ),
     )
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
     failed = [check for check in checks if check.decision == "fail"]

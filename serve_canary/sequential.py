@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-RHO_GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
+# Alternatives ρ > 1 and their prior weights: most mass on the regressions worth catching
+# (1.5–3×), some on catastrophes (a broken canary against a clean stable).
+RHO_GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+RHO_WEIGHTS = (0.1, 0.2, 0.25, 0.2, 0.1, 0.1, 0.05)
 
 
 def _log_beta(a: float, b: float) -> float:
@@ -39,7 +42,10 @@ def share_to_theta(rho: float, share: float) -> float:
 Segment = tuple[int, int, float]  # (canary events, stable events, canary share) under one weight
 
 
-def ratio_e_value(segments: Sequence[Segment], null_ratio: float = 1.0, alternatives: tuple[float, ...] = RHO_GRID) -> float:
+def ratio_e_value(
+    segments: Sequence[Segment], null_ratio: float = 1.0,
+    alternatives: tuple[float, ...] = RHO_GRID, weights: tuple[float, ...] = RHO_WEIGHTS,
+) -> float:
     """E-value against "the canary/stable rate ratio is `null_ratio`", mixed over alternatives.
 
     With alternatives above the null (the default: worse than stable) it tests "the canary is
@@ -52,18 +58,18 @@ def ratio_e_value(segments: Sequence[Segment], null_ratio: float = 1.0, alternat
     if not live:
         return 1.0
     log_terms = []
-    for rho in alternatives:
-        log_lr = 0.0
+    for rho, weight in zip(alternatives, weights, strict=True):
+        log_lr = math.log(weight)
         for canary_events, stable_events, share in live:
             theta, theta_null = share_to_theta(rho, share), share_to_theta(null_ratio, share)
             log_lr += canary_events * math.log(theta / theta_null) + stable_events * math.log((1.0 - theta) / (1.0 - theta_null))
         log_terms.append(log_lr)
-    return math.exp(min(_logsumexp(log_terms) - math.log(len(alternatives)), 700.0))
+    return math.exp(min(_logsumexp(log_terms), 700.0))
 
 
 def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float) -> float:
     """E-value against "the canary's rate is at least `tolerance` × stable's"."""
-    return ratio_e_value(segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)))
+    return ratio_e_value(segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)), (0.25,) * 4)
 
 
 def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:

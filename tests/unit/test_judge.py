@@ -43,7 +43,7 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
     assert verdict.decision == "pass", verdict.reason
     assert {c.metric for c in verdict.checks} == {"error_rate", "ttft_p95_ms", "e2e_p95_ms", "itl_p95_ms", "hallucination_rate"}
     error = verdict.checks[0]
-    assert error.stats["e_value"] < 1 / (ALPHA / 5)
+    assert error.stats["e_value"] < error.stats["e_threshold"]
     assert error.stats["not_worse_e_value"] >= error.stats["not_worse_threshold"]
 
 
