@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -96,6 +96,13 @@ class _Tracker:
             ttft, itl, time.perf_counter() - self.started, self.prompt_tokens, self.tokens, self.finish_reason,
             self.table.canary_weight,
         )
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OpenAIError(400, "the request body is not valid JSON") from None
 
 
 def _failure_message(exc: BaseException) -> str:
@@ -248,10 +255,7 @@ class CanaryIngress:
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
         """Attribute a rating or hallucination flag to the arm that served `request_id`."""
-        try:
-            feedback = FeedbackBody.model_validate(body)
-        except ValidationError as exc:
-            raise OpenAIError(400, str(exc.errors()[0]["msg"]), param=".".join(map(str, exc.errors()[0]["loc"]))) from None
+        feedback = parse_request(FeedbackBody, body)
         self._flush()
         attribution = await self._collector.feedback.remote(feedback.request_id, feedback.rating, feedback.hallucination)
         if attribution is None:
@@ -261,11 +265,7 @@ class CanaryIngress:
     # -- HTTP -------------------------------------------------------------------------------
 
     async def _http(self, kind: Literal["chat", "text"], request: Request) -> Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OpenAIError(400, "the request body is not valid JSON") from None
-        tracker, result = await self._serve(kind, body, request.headers)
+        tracker, result = await self._serve(kind, await _json_body(request), request.headers)
         headers = {
             "x-serve-canary-arm": tracker.arm,
             "x-serve-canary-version": tracker.table.version_of(tracker.arm),
@@ -310,11 +310,7 @@ class CanaryIngress:
 
     @api.post("/-/canary/feedback")
     async def http_feedback(self, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OpenAIError(400, "the request body is not valid JSON") from None
-        return await self.feedback(body)
+        return await self.feedback(await _json_body(request))
 
     def _authorize(self, request: Request) -> None:
         if self._admin_token is None:
@@ -353,8 +349,5 @@ class CanaryIngress:
     @api.put("/-/canary/weight")
     async def http_weight(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        try:
-            weight = WeightBody.model_validate(await request.json()).weight
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise OpenAIError(400, f"body must be {{\"weight\": <0..1>}}: {exc}", param="weight") from None
+        weight = parse_request(WeightBody, await _json_body(request)).weight
         return await self._admin(request, "set_weight", weight)

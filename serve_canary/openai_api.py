@@ -94,7 +94,7 @@ class CompletionRequest(_CommonRequest):
         )
 
 
-def parse_request(model: type[_CommonRequest], body: Any) -> Any:
+def parse_request(model: type[BaseModel], body: Any) -> Any:
     """Validate a request body; a bad one becomes a 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
