@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -41,6 +42,11 @@ def test_commands_and_their_errors(deploy, cluster):
     assert missing.returncode == 1 and "no rollout found for app 'nope'" in missing.stderr
 
 
+def plain(output: bytearray) -> bytes:
+    """The terminal output without ANSI escape sequences (styles, cursor moves)."""
+    return re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", bytes(output))
+
+
 def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
     app = deploy(app_args(rollout=HOLD))
     env = {**os.environ, "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1", "COLUMNS": "140", "LINES": "60"}
@@ -50,19 +56,23 @@ def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
     output = bytearray()
-    reader = threading.Thread(target=lambda: output.extend(iter(lambda: watch.stdout.read(1), b"")), daemon=True)
-    reader.start()
+
+    def read() -> None:
+        for chunk in iter(lambda: watch.stdout.read1(4096), b""):
+            output.extend(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        wait_for(lambda: b"canary weight 5%" in output, 30, "the first frame")
-        assert b"init 5%" in output and b"full 100%" in output and b"recent events" in output
+        wait_for(lambda: b"canary weight 5%" in plain(output), 30, "the first frame")
+        assert b"init 5%" in plain(output) and b"full 100%" in plain(output) and b"recent events" in plain(output)
         cli(cluster, app, "set-weight", "0.3")
-        wait_for(lambda: b"canary weight 30%" in output, 10, "a redraw with the new weight")
-        assert b"paused" in output
+        wait_for(lambda: b"canary weight 30%" in plain(output), 10, "a redraw with the new weight")
+        assert b"status paused" in plain(output)
     finally:
         watch.terminate()
         watch.wait(timeout=10)
     capture = os.environ.get("SERVE_CANARY_SCREENSHOT_DIR")
     if capture:
         with open(os.path.join(capture, "status_watch.txt"), "wb") as out:
-            out.write(bytes(output))
+            out.write(plain(output))
 
