@@ -14,7 +14,6 @@ proxy); 64 concurrent SSE streams of 128 tokens; the router decision in µs; and
 Writes benchmarks/results/routing_overhead{,_quick}.{json,png} and prints a table.
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
