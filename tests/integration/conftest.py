@@ -34,7 +34,7 @@ FAST_PHASES = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -45,7 +45,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["SERVE_CANARY_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas inherit the driver's environment
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"port": port, "gcs_address": context.address_info["gcs_address"]}
     serve.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +13,7 @@ from scipy.stats import binomtest
 
 from serve_canary.controller import NAMESPACE, collector_name
 
-from .conftest import _free_port, app_args, wait_for
+from .conftest import app_args, free_port, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
@@ -35,7 +34,7 @@ def prometheus(tmp_path) -> Iterator[callable]:
             f"  - job_name: serve-canary\n    metrics_path: {metrics_path}\n"
             f"    static_configs: [{{targets: ['{target}']}}]\n"
         )
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from .conftest import _free_port, app_args, wait_for
+from .conftest import app_args, free_port, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def chromium(tmp_path) -> Iterator[callable]:
     binary = shutil.which("chromium")
     if binary is None:
         pytest.fail("chromium is not installed (`.ci/run` installs Debian's `chromium`)")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
