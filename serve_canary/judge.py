@@ -21,14 +21,13 @@ split across metrics (`ALPHA_SHARES`).
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
-from serve_canary.metrics import ArmAggregate
+from serve_canary.metrics import ArmAggregate, sorted_quantile
 from serve_canary.sequential import Segment, not_worse_than_e_value, proportion_bounds, quantile_margin, ratio_e_value
 
 Decision = Literal["pass", "wait", "fail"]
@@ -64,13 +63,6 @@ class Verdict:
         return [check.metric for check in self.checks if check.decision == "fail"]
 
 
-def _quantile(ordered: list[float], q: float) -> float:
-    pos = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def _share(canary_n: int, stable_n: int) -> float:
     return canary_n / (canary_n + stable_n) if canary_n + stable_n else 0.0
 
@@ -87,7 +79,7 @@ def _exceedance_segment(stable: list[float], canary: list[float]) -> Segment:
     """Samples above stable's p95 of the same window, per arm (inputs sorted)."""
     if not stable or not canary:
         return 0, 0, 0.0
-    threshold = _quantile(stable, 0.95)
+    threshold = sorted_quantile(stable, 0.95)
     return (
         len(canary) - bisect_right(canary, threshold),
         len(stable) - bisect_right(stable, threshold),
@@ -141,16 +133,16 @@ def _latency_check(
     if not stable_values or not canary_values:
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no latency samples on one arm yet")
     stable, canary = sorted(stable_values), sorted(canary_values)
-    threshold = _quantile(stable, 0.95)
+    threshold = sorted_quantile(stable, 0.95)
     canary_over, stable_over, share = segment = _exceedance_segment(stable, canary)
     e_value = ratio_e_value([*earlier, segment])
-    stable_p95, canary_p95 = threshold * 1000.0, _quantile(canary, 0.95) * 1000.0
+    stable_p95, canary_p95 = threshold * 1000.0, sorted_quantile(canary, 0.95) * 1000.0
     # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
     # the sample maximum, and the tail is already guarded by the exceedance test above.
-    ratio_upper = _quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
-        _quantile(stable, 0.5 - quantile_margin(len(stable), 0.5, promotion_alpha)), 1e-9
+    ratio_upper = sorted_quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
+        sorted_quantile(stable, 0.5 - quantile_margin(len(stable), 0.5, promotion_alpha)), 1e-9
     )
-    canary_p95_lower = _quantile(canary, 0.95 - quantile_margin(len(canary), 0.95, alpha)) * 1000.0
+    canary_p95_lower = sorted_quantile(canary, 0.95 - quantile_margin(len(canary), 0.95, alpha)) * 1000.0
     stats = {
         "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_p95 / max(stable_p95, 1e-9),
         "median_ratio_upper": ratio_upper, "canary_p95_lower_ms": canary_p95_lower,

@@ -61,10 +61,12 @@ class Reservoir:
 
 def quantile(values: list[float], q: float) -> float | None:
     """Linear-interpolated quantile (numpy's default); None for no data."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
+    return sorted_quantile(sorted(values), q) if values else None
+
+
+def sorted_quantile(ordered: list[float], q: float) -> float:
+    """`quantile` of already sorted, non-empty values; q is clamped to [0, 1]."""
+    pos = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
     low = math.floor(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
