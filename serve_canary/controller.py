@@ -61,6 +61,9 @@ def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
 class RolloutController:
     async def __init__(self, app_name: str, config: dict[str, Any]) -> None:
         self._app_name = app_name
+        # start_actors registers the collector before this actor, and a detached handle
+        # stays valid across the collector's restarts.
+        self._collector = ray.get_actor(collector_name(app_name), namespace=NAMESPACE)
         self._store = open_store(CanaryConfig.model_validate(config).state_store, app_name)
         persisted = self._store.load()
         self._config = CanaryConfig.model_validate(persisted["config"] if persisted else config)
@@ -87,12 +90,11 @@ class RolloutController:
         self._publish_status()
         logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
 
-    def _publish_status(self) -> None:
-        """Fire-and-forget: the collector mirrors the status into Prometheus gauges."""
-        try:
-            ray.get_actor(collector_name(self._app_name), namespace=NAMESPACE).rollout.remote(self.status())
-        except ValueError:
-            logger.warning("no metrics collector yet; rollout gauges not updated")
+    def _publish_status(self) -> dict[str, Any]:
+        """Send the status to the collector (fire-and-forget, for the Prometheus gauges); return it."""
+        status = self.status()
+        self._collector.rollout.remote(status)
+        return status
 
     async def configure(self, config: dict[str, Any]) -> None:
         """Adopt a (re)deployed config: a new version pair starts a new rollout."""
@@ -125,8 +127,7 @@ class RolloutController:
         state = self._state
         if state.status in ("rolled_back", "complete"):
             return self.status()
-        collector = ray.get_actor(collector_name(self._app_name), namespace=NAMESPACE)
-        windows = await collector.windows.remote(state.attempt_windows)
+        windows = await self._collector.windows.remote(state.attempt_windows)
         if self._state is not state:  # an operator command moved the rollout meanwhile
             return self.status()
         window, earlier = windows[-1], [(w["stable"], w["canary"]) for w in windows[:-1]]
@@ -137,10 +138,9 @@ class RolloutController:
         new_state = rollout.evaluate(
             state, verdict, self._config.rollout.phases, self._evaluated_at, self._config.rollout.auto_rollback
         )
-        if new_state is not state:
-            await self._commit(new_state)
-        else:
-            self._publish_status()
+        if new_state is state:
+            return self._publish_status()
+        await self._commit(new_state)
         return self.status()
 
     # -- routing ----------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import logging
 import os
 import time
 import uuid
-from importlib import resources
 from collections.abc import AsyncIterator, Mapping
+from importlib import resources
 from typing import Any, Literal
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
-import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 

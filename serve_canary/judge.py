@@ -28,7 +28,13 @@ from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
 from serve_canary.metrics import ArmAggregate, sorted_quantile
-from serve_canary.sequential import Segment, not_worse_than_e_value, proportion_bounds, quantile_margin, ratio_e_value
+from serve_canary.sequential import (
+    Segment,
+    not_worse_than_e_value,
+    proportion_bounds,
+    quantile_margin,
+    ratio_e_value,
+)
 
 Decision = Literal["pass", "wait", "fail"]
 # Each metric's share of the false-rollback budget α; errors matter most and are rarest.
@@ -93,7 +99,7 @@ def _rate_check(
 ) -> MetricCheck:
     if canary_n == 0 or stable_n == 0:
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no data on one arm yet")
-    share = canary_n / (canary_n + stable_n)
+    share = _share(canary_n, stable_n)
     stable_rate, canary_rate = stable_events / stable_n, canary_events / canary_n
     segments = [*earlier, (canary_events, stable_events, share)]
     e_value = ratio_e_value(segments)
@@ -133,10 +139,9 @@ def _latency_check(
     if not stable_values or not canary_values:
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no latency samples on one arm yet")
     stable, canary = sorted(stable_values), sorted(canary_values)
-    threshold = sorted_quantile(stable, 0.95)
-    canary_over, stable_over, share = segment = _exceedance_segment(stable, canary)
+    canary_over, stable_over, _ = segment = _exceedance_segment(stable, canary)
     e_value = ratio_e_value([*earlier, segment])
-    stable_p95, canary_p95 = threshold * 1000.0, sorted_quantile(canary, 0.95) * 1000.0
+    stable_p95, canary_p95 = sorted_quantile(stable, 0.95) * 1000.0, sorted_quantile(canary, 0.95) * 1000.0
     # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
     # the sample maximum, and the tail is already guarded by the exceedance test above.
     ratio_upper = sorted_quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
