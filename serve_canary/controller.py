@@ -69,6 +69,9 @@ class RolloutController:
         self._config = CanaryConfig.model_validate(persisted["config"] if persisted else config)
         self._state: RolloutState | None = RolloutState.model_validate(persisted["state"]) if persisted else None
         self._changed = asyncio.Event()
+        # Held from reading the state to publishing its successor, so that no transition is
+        # computed from a state that another one is replacing.
+        self._transition = asyncio.Lock()
         self._last_verdict: Verdict | None = None
         self._last_window: dict[str, dict] | None = None
         self._evaluated_at: float | None = None
@@ -78,7 +81,10 @@ class RolloutController:
     # -- state ----------------------------------------------------------------------------
 
     async def _commit(self, state: RolloutState) -> None:
-        """Persist, then publish: a table is never visible unless its state is durable."""
+        """Persist, then publish: a table is never visible unless its state is durable.
+
+        Callers hold `self._transition`.
+        """
         document = {"config": self._config.model_dump(mode="json"), "state": state.model_dump(mode="json")}
         await asyncio.to_thread(self._store.save, document)
         if self._state is not None and state.window != self._state.window:
@@ -98,19 +104,20 @@ class RolloutController:
 
     async def configure(self, config: dict[str, Any]) -> None:
         """Adopt a (re)deployed config: a new version pair starts a new rollout."""
-        self._config = CanaryConfig.model_validate(config)
-        phases = self._config.rollout.phases
-        rollout_id = rollout_id_for(self._config)
-        previous = self._state
-        if previous is None or previous.rollout_id != rollout_id:
-            state = rollout.start(
-                rollout_id, self._config.stable.version, self._config.canary.version, phases, time.time()
-            )
-            if previous is not None:
-                state = state.model_copy(update={"table_version": previous.table_version + 1})
-        else:
-            state = previous.model_copy(update={"phase_index": min(previous.phase_index, len(phases) - 1)})
-        await self._commit(state)
+        async with self._transition:
+            self._config = CanaryConfig.model_validate(config)
+            phases = self._config.rollout.phases
+            rollout_id = rollout_id_for(self._config)
+            previous = self._state
+            if previous is None or previous.rollout_id != rollout_id:
+                state = rollout.start(
+                    rollout_id, self._config.stable.version, self._config.canary.version, phases, time.time()
+                )
+                if previous is not None:
+                    state = state.model_copy(update={"table_version": previous.table_version + 1})
+            else:
+                state = previous.model_copy(update={"phase_index": min(previous.phase_index, len(phases) - 1)})
+            await self._commit(state)
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -128,20 +135,21 @@ class RolloutController:
         if state.status in ("rolled_back", "complete"):
             return self.status()
         windows = await self._collector.windows.remote(state.attempt_windows)
-        if self._state is not state:  # an operator command moved the rollout meanwhile
+        async with self._transition:
+            if self._state is not state:  # an operator command moved the rollout meanwhile
+                return self.status()
+            window, earlier = windows[-1], [(w["stable"], w["canary"]) for w in windows[:-1]]
+            health, phase = self._config.health, self._config.rollout.phases[state.phase_index]
+            verdict = judge(window["stable"], window["canary"], health, phase.min_requests, health.alpha, earlier)
+            self._last_verdict, self._evaluated_at = verdict, time.time()
+            self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
+            new_state = rollout.evaluate(
+                state, verdict, self._config.rollout.phases, self._evaluated_at, self._config.rollout.auto_rollback
+            )
+            if new_state is state:
+                return self._publish_status()
+            await self._commit(new_state)
             return self.status()
-        window, earlier = windows[-1], [(w["stable"], w["canary"]) for w in windows[:-1]]
-        health, phase = self._config.health, self._config.rollout.phases[state.phase_index]
-        verdict = judge(window["stable"], window["canary"], health, phase.min_requests, health.alpha, earlier)
-        self._last_verdict, self._evaluated_at = verdict, time.time()
-        self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
-        new_state = rollout.evaluate(
-            state, verdict, self._config.rollout.phases, self._evaluated_at, self._config.rollout.auto_rollback
-        )
-        if new_state is state:
-            return self._publish_status()
-        await self._commit(new_state)
-        return self.status()
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -157,8 +165,9 @@ class RolloutController:
     # -- operator commands ----------------------------------------------------------------
 
     async def _command(self, transition, *args: Any) -> dict[str, Any]:
-        await self._commit(transition(self._state, self._config.rollout.phases, time.time(), *args))
-        return self.status()
+        async with self._transition:
+            await self._commit(transition(self._state, self._config.rollout.phases, time.time(), *args))
+            return self.status()
 
     async def pause(self, reason: str) -> dict[str, Any]:
         return await self._command(rollout.pause, reason)
