@@ -38,7 +38,7 @@ def test_healthy_canary_walks_the_phases_and_waits_for_approval(deploy):
         approved = app.admin("POST", "approve")
         assert approved.status_code == 200, approved.text
         assert (approved.json()["status"], approved.json()["canary_weight"]) == ("complete", 1.0)
-        wait_for(lambda: app.chat(user="anyone").headers["x-serve-canary-arm"] == "canary", 2, "all traffic on canary")
+        wait_for(lambda: app.chat(user="anyone").headers["x-serve-canary-arm"] == "canary", 10, "all traffic on canary")
     walked = [(e["action"], e["weight"]) for e in app.status()["events"]]
     assert walked == [("start", 0.05), ("promote", 0.2), ("promote", 0.5), ("await_approval", 0.5), ("approve", 1.0)]
     assert set(outcomes) == {"200"}
@@ -67,7 +67,7 @@ def test_erroring_canary_is_rolled_back_fast_and_stays_rolled_back(deploy):
         # The sequential test may fire before min_requests; it must not lag behind it.
         assert rollback["at"] - (enough_at or rollback["at"]) <= 2 * INTERVAL_S, "rollback must follow within two evaluations"
         assert "error_rate" in rollback["reason"]
-        wait_for(lambda: app.chat(user="probe").headers["x-serve-canary-arm"] == "stable", 2, "stable-only routing")
+        wait_for(lambda: app.chat(user="probe").headers["x-serve-canary-arm"] == "stable", 10, "stable-only routing")
         served_before = sum(outcomes.values())
         wait_for(lambda: sum(outcomes.values()) > served_before + 100, 30, "more traffic")
         assert app.status()["status"] == "rolled_back"
