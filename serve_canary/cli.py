@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -99,6 +100,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     return await getattr(client, args.command)()
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM ends a `--watch` the way Ctrl-C does: quietly."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "set-weight" and not 0.0 <= args.weight <= 1.0:
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve_canary.controller import NAMESPACE
 
     ray.init(address=args.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own handler
     try:
         status = asyncio.run(_run(args))
     except KeyboardInterrupt:

@@ -61,7 +61,8 @@ def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
         for chunk in iter(lambda: watch.stdout.read1(4096), b""):
             output.extend(chunk)
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         wait_for(lambda: b"canary weight 5%" in plain(output), 30, "the first frame")
         assert b"init 5%" in plain(output) and b"full 100%" in plain(output) and b"recent events" in plain(output)
@@ -71,6 +72,8 @@ def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
     finally:
         watch.terminate()
         watch.wait(timeout=10)
+        reader.join(timeout=10)
+    assert watch.returncode == 0 and b"Traceback" not in output, "SIGTERM stops the watch like Ctrl-C"
     capture = os.environ.get("SERVE_CANARY_SCREENSHOT_DIR")
     if capture:
         with open(os.path.join(capture, "status_watch.txt"), "wb") as out:
