@@ -127,6 +127,8 @@ def _rate_check(
         f"not enough evidence that canary/stable < {allowed_increase:g} "
         f"(e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g} needed)"
     )
+    if absolute_limit is not None:
+        reason += f" or that the canary rate is ≤ {absolute_limit:.2%} (upper bound {rate_upper:.2%})"
     return MetricCheck(*args, "wait", reason, stats)
 
 

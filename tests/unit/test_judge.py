@@ -63,6 +63,14 @@ def test_no_errors_anywhere_passes_on_the_absolute_bound():
     assert error.decision == "pass" and "limit" in error.reason
 
 
+def test_too_few_clean_requests_wait_and_say_both_ways_to_pass():
+    verdict = judge(arm(2000, 0, seed=1), arm(100, 0, seed=2), HEALTH, 100, ALPHA)
+    error = verdict.checks[0]
+    upper = error.stats["canary_rate_bounds"][1]
+    assert error.decision == "wait" and upper > HEALTH.max_error_rate
+    assert "canary/stable < 1.5" in error.reason and f"rate is ≤ 1.00% (upper bound {upper:.2%})" in error.reason
+
+
 def test_many_more_canary_errors_fail_even_before_min_requests():
     verdict = judge(arm(2000, 20, seed=1), arm(60, 12, seed=2), HEALTH, 100, ALPHA)
     assert verdict.decision == "fail" and verdict.failed_metrics == ["error_rate"]
