@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from serve_canary.app import build_app
 from serve_canary.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def args(**overrides):
@@ -77,3 +82,18 @@ def test_build_app_binds_two_named_model_deployments_without_importing_vllm():
     app = build_app(args(stable={"version": "v1", "engine": "vllm", "engine_args": {"model": "some/model"}}))
     assert app is not None
     assert "vllm" not in sys.modules
+
+
+@pytest.mark.parametrize("path", ["configs/local.yaml", "configs/canary.yaml"])
+def test_shipped_configs_are_valid(path):
+    document = yaml.safe_load((ROOT / path).read_text())
+    for application in document["applications"]:
+        config = parse_config(application["args"])
+        assert config.stable.version != config.canary.version
+
+
+def test_local_config_starts_on_a_small_cpu_machine():
+    document = yaml.safe_load((ROOT / "configs/local.yaml").read_text())
+    for application in document["applications"]:
+        assert {application["args"][arm]["engine"] for arm in ("stable", "canary")} == {"simulated"}
+        assert all(d["ray_actor_options"]["num_cpus"] == 0 for d in application["deployments"])
