@@ -23,6 +23,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
+from serve_canary.metrics import ArmAggregate
 
 ADMIN_TOKEN = "test-admin-token"
 OUTPUT_TOKENS = 6
@@ -92,6 +93,10 @@ class App:
     @property
     def controller(self) -> ray.actor.ActorHandle:
         return ray.get_actor(controller_name(self.name), namespace=NAMESPACE)
+
+    def window(self, window_id: str) -> dict[str, ArmAggregate]:
+        """The collector's per-arm aggregates of one metrics window."""
+        return ray.get(ray.get_actor(collector_name(self.name), namespace=NAMESPACE).window.remote(window_id))
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:

@@ -11,7 +11,6 @@ import pytest
 import ray
 from scipy.stats import binomtest
 
-from serve_canary.controller import NAMESPACE, collector_name
 
 from .conftest import app_args, free_port, wait_for
 from .test_serving import HOLD
@@ -72,14 +71,13 @@ def test_promql_sees_the_per_arm_error_rate_and_the_weight(deploy, prometheus, c
     for i in range(300):
         assert app.chat(user=f"user-{i}").status_code == 200
 
-    collector = ray.get_actor(collector_name(app.name), namespace=NAMESPACE)
     error_rate = (
         'sum by (arm) (serve_canary_requests_total{outcome="error"})'
         ' / sum by (arm) (serve_canary_requests_total{outcome!="cancelled"})'
     )
 
     def scraped_everything() -> bool:
-        recorded = ray.get(collector.window.remote(window))["canary"].requests
+        recorded = app.window(window)["canary"].requests
         total = query(url, 'sum(serve_canary_requests_total{arm="canary"})')
         return bool(total) and float(total[0]["value"][1]) >= recorded >= 100
 

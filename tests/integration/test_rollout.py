@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from serve_canary.config import CanaryConfig
-from serve_canary.controller import NAMESPACE, collector_name, start_actors
+from serve_canary.controller import start_actors
 
 from .conftest import FAST_PHASES, app_args, background_traffic, wait_for
 
@@ -44,11 +44,6 @@ def test_healthy_canary_walks_the_phases_and_waits_for_approval(deploy):
     assert set(outcomes) == {"200"}
 
 
-def _canary_requests_in(app, window: str) -> int:
-    collector = ray.get_actor(collector_name(app.name), namespace=NAMESPACE)
-    return ray.get(collector.window.remote(window))["canary"].requests
-
-
 def test_erroring_canary_is_rolled_back_fast_and_stays_rolled_back(deploy):
     min_requests = 40
     phases = [{**phase, "min_requests": min_requests} for phase in FAST_PHASES]
@@ -59,7 +54,7 @@ def test_erroring_canary_is_rolled_back_fast_and_stays_rolled_back(deploy):
         deadline = time.monotonic() + 90
         while (status := app.status())["status"] != "rolled_back":
             assert time.monotonic() < deadline, "no rollback"
-            if enough_at is None and _canary_requests_in(app, window) >= min_requests:
+            if enough_at is None and app.window(window)["canary"].requests >= min_requests:
                 enough_at = time.time()
             time.sleep(0.05)
         rollback = status["events"][-1]
@@ -137,7 +132,7 @@ def test_feedback_is_attributed_to_the_serving_arm(deploy):
         assert response.status_code == 200 and response.json()["arm"] == arm
     assert app.http.post("/-/canary/feedback", json={"request_id": "nope", "rating": 1}).status_code == 404
     assert app.http.post("/-/canary/feedback", json={"rating": 1}).status_code == 400
-    window = ray.get(ray.get_actor(collector_name(app.name), namespace=NAMESPACE).window.remote(serving_window))
+    window = app.window(serving_window)
     assert window["canary"].hallucinations == list(served.values()).count("canary") > 0
     assert window["stable"].hallucinations == 0
     assert window["canary"].ratings + window["stable"].ratings == 40

@@ -154,19 +154,13 @@ def test_canary_failing_before_first_token_fails_over_to_stable(deploy):
     assert {r.headers["x-serve-canary-arm"] for r in responses} == {"stable"}
 
     def recorded():
-        window = _window(app, window_id)
+        window = app.window(window_id)
         return window if window["canary"].errors >= 15 else None
 
     window = wait_for(recorded, 5, "canary failures recorded")
     assert window["canary"].errors == window["canary"].requests
     assert window["canary"].error_kinds["before_first_token"] == window["canary"].errors
     assert window["stable"].errors == 0
-
-
-def _window(app, window_id: str):
-    from serve_canary.controller import NAMESPACE, collector_name
-
-    return ray.get(ray.get_actor(collector_name(app.name), namespace=NAMESPACE).window.remote(window_id))
 
 
 def test_without_failover_canary_failures_reach_the_client(deploy):
