@@ -80,10 +80,9 @@ class RolloutController:
 
     # -- state ----------------------------------------------------------------------------
 
-    async def _commit(self, state: RolloutState) -> None:
+    async def _commit(self, state: RolloutState) -> dict[str, Any]:
         """Persist, then publish: a table is never visible unless its state is durable.
-
-        Callers hold `self._transition`.
+        Returns the published status. Callers hold `self._transition`.
         """
         document = {"config": self._config.model_dump(mode="json"), "state": state.model_dump(mode="json")}
         await asyncio.to_thread(self._store.save, document)
@@ -93,8 +92,8 @@ class RolloutController:
         self._table = table_for(state, self._config)
         self._changed.set()
         self._changed = asyncio.Event()
-        self._publish_status()
         logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
+        return self._publish_status()
 
     def _publish_status(self) -> dict[str, Any]:
         """Send the status to the collector (fire-and-forget, for the Prometheus gauges); return it."""
@@ -148,8 +147,7 @@ class RolloutController:
             )
             if new_state is state:
                 return self._publish_status()
-            await self._commit(new_state)
-            return self.status()
+            return await self._commit(new_state)
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -166,8 +164,7 @@ class RolloutController:
 
     async def _command(self, transition, *args: Any) -> dict[str, Any]:
         async with self._transition:
-            await self._commit(transition(self._state, self._config.rollout.phases, time.time(), *args))
-            return self.status()
+            return await self._commit(transition(self._state, self._config.rollout.phases, time.time(), *args))
 
     async def pause(self, reason: str) -> dict[str, Any]:
         return await self._command(rollout.pause, reason)
