@@ -5,9 +5,9 @@ Ingress replicas send it batches fire-and-forget; the controller reads a window 
 
 from __future__ import annotations
 
-import ray
-
 from typing import Any
+
+import ray
 
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 from serve_canary.prometheus import PrometheusExporter

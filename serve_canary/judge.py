@@ -198,9 +198,8 @@ def judge(
     budget, is split across metrics."""
     budget = {metric: alpha * share for metric, share in ALPHA_SHARES.items()}
     promo = health.promotion_alpha
-    previous = [(s, c) for s, c in earlier]
     sorted_earlier = {
-        name: [_exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in previous]
+        name: [_exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in earlier]
         for name in ("ttft_s", "e2e_s", "itl_s")
     }
 
@@ -211,14 +210,14 @@ def judge(
     checks = (
         _rate_check(
             "error_rate", canary.errors, canary.requests, stable.errors, stable.requests,
-            [_error_segment(s, c) for s, c in previous], health.max_error_rate_increase, health.max_error_rate,
+            [_error_segment(s, c) for s, c in earlier], health.max_error_rate_increase, health.max_error_rate,
             budget["error_rate"], promo,
         ),
         latency("ttft_p95_ms", "ttft_s", health.max_ttft_increase, health.max_ttft_ms),
         latency("e2e_p95_ms", "e2e_s", health.max_latency_increase, health.max_latency_ms),
         latency("itl_p95_ms", "itl_s", health.max_itl_increase, None),
         _hallucination_check(
-            stable, canary, [_hallucination_segment(s, c) for s, c in previous], health, budget["hallucination_rate"]
+            stable, canary, [_hallucination_segment(s, c) for s, c in earlier], health, budget["hallucination_rate"]
         ),
     )
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)

@@ -124,18 +124,21 @@ class ArmAggregate:
     def summary(self) -> dict:
         """The figures `status` shows, in milliseconds."""
 
-        def ms(reservoir: Reservoir, q: float) -> float | None:
-            value = reservoir.quantile(q)
-            return None if value is None else round(value * 1000.0, 3)
+        def percentiles_ms(reservoir: Reservoir) -> dict[str, float | None]:
+            ordered = sorted(reservoir.values)
+            return {
+                f"p{int(q * 100)}": round(sorted_quantile(ordered, q) * 1000.0, 3) if ordered else None
+                for q in (0.5, 0.95, 0.99)
+            }
 
         return {
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": self.error_rate,
             "error_kinds": dict(self.error_kinds),
-            "ttft_ms": {f"p{int(q * 100)}": ms(self.ttft_s, q) for q in (0.5, 0.95, 0.99)},
-            "itl_ms": {f"p{int(q * 100)}": ms(self.itl_s, q) for q in (0.5, 0.95, 0.99)},
-            "e2e_ms": {f"p{int(q * 100)}": ms(self.e2e_s, q) for q in (0.5, 0.95, 0.99)},
+            "ttft_ms": percentiles_ms(self.ttft_s),
+            "itl_ms": percentiles_ms(self.itl_s),
+            "e2e_ms": percentiles_ms(self.e2e_s),
             "output_tokens": self.output_tokens,
             "mean_rating": self.rating_sum / self.ratings if self.ratings else None,
             "hallucinations": self.hallucinations,

@@ -56,12 +56,15 @@ class RolloutState(BaseModel):
     @property
     def window(self) -> str:
         """Metrics window id: canary and stable are judged on records from the same window."""
-        return f"{self.rollout_id}/{self.attempt}/{self.window_seq}"
+        return self._window_id(self.window_seq)
 
     @property
     def attempt_windows(self) -> list[str]:
         """Every window of this attempt, oldest first, the current one last."""
-        return [f"{self.rollout_id}/{self.attempt}/{seq}" for seq in range(self.attempt_first_window, self.window_seq + 1)]
+        return [self._window_id(seq) for seq in range(self.attempt_first_window, self.window_seq + 1)]
+
+    def _window_id(self, seq: int) -> str:
+        return f"{self.rollout_id}/{self.attempt}/{seq}"
 
 
 def _move(
