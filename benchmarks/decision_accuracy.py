@@ -4,8 +4,8 @@ Simulated rollouts at the seed's phase weights (5 → 20 → 50 %, then the appr
 evaluated every interval by serve-canary's judge and by reference judges
 (`benchmarks/judges.py`), through serve-canary's own state machine (`rollout.evaluate`).
 
-    python benchmarks/decision_accuracy.py            # 500 rollouts per scenario
-    python benchmarks/decision_accuracy.py --quick    # a smoke run of the harness
+    python -m benchmarks.decision_accuracy            # 500 rollouts per scenario (~10 min)
+    python -m benchmarks.decision_accuracy --quick    # a smoke run of the harness
 
 Writes benchmarks/results/decision_accuracy.{json,png} and prints the table.
 """

@@ -8,8 +8,8 @@ Unary requests at concurrency 1, 16, 64 through the Python handle and through HT
 proxy); 64 concurrent SSE streams of 128 tokens; the router decision in µs; and how long a
 `set-weight` takes to reach both of 2 ingress replicas. Ratios are within this run.
 
-    python benchmarks/routing_overhead.py           # full run (~10 min on 2 cores)
-    python benchmarks/routing_overhead.py --quick   # smoke run: checks the harness, not speed
+    python -m benchmarks.routing_overhead           # full run (~25 min on 2 cores)
+    python -m benchmarks.routing_overhead --quick   # smoke run: checks the harness, not speed
 
 Writes benchmarks/results/routing_overhead{,_quick}.{json,png} and prints a table.
 """
