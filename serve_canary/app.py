@@ -5,35 +5,40 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
+from ray import serve
 from ray.serve import Application
 
 from serve_canary.config import ArmConfig, CanaryConfig, ConfigError, format_errors, parse_config
 from serve_canary.ingress import CanaryIngress
 
+# A simulated engine sleeps, it does not compute: it needs no CPU of its own and takes many
+# concurrent requests (Serve's default of 5 would queue users at the replica).
+SIMULATED_DEPLOYMENT_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1000}
 
-def _model_deployment(arm_name: str, arm: ArmConfig, config: CanaryConfig) -> Application:
-    if arm.engine == "simulated":
-        from deployments.simulated import SimulatedEngineArgs, SimulatedServer
 
-        try:
+def _arm_deployment(name: str, arm: ArmConfig) -> Application:
+    """A simulated server, or Ray Serve LLM's `LLMServer` built by its own builder; vLLM is
+    imported only here, and only for an arm that has an `llm_config`."""
+    try:
+        if arm.llm_config is None:
+            from serve_canary.engines.simulated import SimulatedEngineArgs, SimulatedServer
+
             SimulatedEngineArgs.model_validate(arm.engine_args)
-        except ValidationError as exc:
-            raise ConfigError(format_errors(exc, prefix=f"{arm_name}.engine_args")) from None
-        server = SimulatedServer
-    else:
-        from deployments.vllm_server import VLLMServer
+            deployment = serve.deployment(SimulatedServer, name=name, **SIMULATED_DEPLOYMENT_OPTIONS)
+            return deployment.bind(arm.model_id, arm.engine_args)
+        from serve_canary.engines.llm import build_arm
 
-        if "model" not in arm.engine_args:
-            raise ConfigError(f"invalid serve-canary config:\n  {arm_name}.engine_args.model: required for engine 'vllm' (a model id or path)")
-        server = VLLMServer
-    return server.options(name=arm_name).bind(arm.version, config.model_name, arm.engine_args)
+        return build_arm(name, arm.llm_config)
+    except ValidationError as exc:
+        field = "engine_args" if arm.llm_config is None else "llm_config"
+        raise ConfigError(format_errors(exc, prefix=f"{name}.{field}")) from None
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the args, then bind the ingress to a stable and a canary model deployment."""
-    config = parse_config(args)
+    config: CanaryConfig = parse_config(args)
     return CanaryIngress.bind(
-        _model_deployment("stable", config.stable, config),
-        _model_deployment("canary", config.canary, config),
+        _arm_deployment("stable", config.stable),
+        _arm_deployment("canary", config.canary),
         config.model_dump(mode="json"),
     )

@@ -20,11 +20,39 @@ class _Schema(BaseModel):
 
 
 class ArmConfig(_Schema):
-    """One model version the ingress can route to."""
+    """One model version the ingress can route to: a simulated engine, or a Ray Serve LLM
+    `LLMConfig` (vLLM), written exactly as a Ray Serve LLM user writes it."""
 
-    version: str = Field(min_length=1)
-    engine: Literal["simulated", "vllm"]
+    version: str | None = Field(default=None, min_length=1, description="default: the llm_config's model id")
+    engine: Literal["simulated"] | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    llm_config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> ArmConfig:
+        if (self.engine is None) == (self.llm_config is None):
+            raise ValueError("give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither")
+        if self.llm_config is not None:
+            if self.engine_args:
+                raise ValueError("engine_args are for the simulated engine; vLLM takes llm_config.engine_kwargs")
+            loading = self.llm_config.get("model_loading_config")
+            if not isinstance(loading, dict) or not isinstance(loading.get("model_id"), str):
+                raise ValueError("llm_config.model_loading_config.model_id is required (the id this arm serves)")
+        elif self.version is None:
+            raise ValueError("version is required for a simulated arm")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The model id the arm's server answers to (LLMConfig's model id, or the version)."""
+        if self.llm_config is not None:
+            return str(self.llm_config["model_loading_config"]["model_id"])
+        assert self.version is not None
+        return self.version
+
+    @property
+    def served_version(self) -> str:
+        return self.version or self.model_id
 
 
 class RoutingConfig(_Schema):
@@ -126,9 +154,9 @@ class CanaryConfig(_Schema):
 
     @model_validator(mode="after")
     def _distinct_versions(self) -> CanaryConfig:
-        if self.stable.version == self.canary.version:
+        if self.stable.served_version == self.canary.served_version:
             raise ValueError(
-                f"stable.version and canary.version must differ, both are {self.stable.version!r}"
+                f"stable and canary versions must differ, both are {self.stable.served_version!r}"
             )
         return self
 

@@ -39,7 +39,7 @@ def collector_name(app_name: str) -> str:
 
 def rollout_id_for(config: CanaryConfig) -> str:
     """Same version pair, same rollout (a redeploy keeps it); a new pair starts a new one."""
-    return f"{config.stable.version}..{config.canary.version}"
+    return f"{config.stable.served_version}..{config.canary.served_version}"
 
 
 def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
@@ -110,7 +110,7 @@ class RolloutController:
             previous = self._state
             if previous is None or previous.rollout_id != rollout_id:
                 state = rollout.start(
-                    rollout_id, self._config.stable.version, self._config.canary.version, phases, time.time()
+                    rollout_id, self._config.stable.served_version, self._config.canary.served_version, phases, time.time()
                 )
                 if previous is not None:
                     state = state.model_copy(update={"table_version": previous.table_version + 1})

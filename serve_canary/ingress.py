@@ -1,6 +1,6 @@
-"""CanaryIngress: the Serve deployment in front of the stable and canary ModelServers.
+"""CanaryIngress: the Serve deployment in front of the stable and canary model servers.
 
-Per request: pick the arm from the replica's current RoutingTable (no remote call), stream
+Per request (`serving.serve_request`): pick the arm from the replica's current RoutingTable (no remote call), relay
 from that arm, fall back to stable if the canary fails before its first token, and append a
 RequestRecord to a local buffer. Two background tasks per replica: a long-poll that swaps in
 new tables, and a flush that ships the buffer to the collector fire-and-forget.
@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
@@ -26,21 +26,13 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from serve_canary.config import CanaryConfig
+from serve_canary.config import ArmConfig, CanaryConfig
 from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.metrics import RequestRecord
-from serve_canary.openai_api import (
-    SSE_DONE,
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIError,
-    ResponseBuilder,
-    parse_request,
-    sse,
-)
-from serve_canary.protocol import GenerationChunk, GenerationRequest
+from serve_canary.openai_api import OpenAIError, parse_request
 from serve_canary.rollout import TransitionError
 from serve_canary.routing import Arm, RoutingTable
+from serve_canary.serving import ArmEndpoint, Kind, Served, serve_request
 
 ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"
 FLUSH_INTERVAL_S = 0.5
@@ -66,38 +58,6 @@ class FeedbackBody(BaseModel):
     hallucination: bool | None = None
 
 
-class _Tracker:
-    """Times one served stream and turns it into a RequestRecord."""
-
-    __slots__ = ("request_id", "table", "arm", "started", "first_at", "last_at", "tokens", "prompt_tokens", "finish_reason")
-
-    def __init__(self, request_id: str, table: RoutingTable, arm: Arm, started: float) -> None:
-        self.request_id, self.table, self.arm, self.started = request_id, table, arm, started
-        self.first_at: float | None = None
-        self.last_at = started
-        self.tokens = 0
-        self.prompt_tokens = 0
-        self.finish_reason: str | None = None
-
-    def on_chunk(self, chunk: GenerationChunk) -> None:
-        self.last_at = time.perf_counter()
-        if self.first_at is None:
-            self.first_at = self.last_at
-            self.prompt_tokens = chunk.prompt_tokens or 0
-        self.tokens += chunk.num_tokens
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-
-    def record(self, outcome: str, error_kind: str | None = None) -> RequestRecord:
-        ttft = None if self.first_at is None else self.first_at - self.started
-        itl = (self.last_at - self.first_at) / (self.tokens - 1) if self.first_at is not None and self.tokens > 1 else None
-        return RequestRecord(
-            self.request_id, self.table.window, self.arm, self.table.version_of(self.arm), outcome, error_kind,
-            ttft, itl, time.perf_counter() - self.started, self.prompt_tokens, self.tokens, self.finish_reason,
-            self.table.canary_weight,
-        )
-
-
 async def _json_body(request: Request) -> Any:
     try:
         return await request.json()
@@ -110,14 +70,50 @@ def _failure_message(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
+def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
+    """The request models the arm's server takes: vLLM's for `LLMServer`, ours for simulated."""
+    if arm.llm_config is not None:
+        from ray.serve.llm import openai_api_models as vllm_models
+
+        return {"chat": vllm_models.ChatCompletionRequest, "completions": vllm_models.CompletionRequest}
+    from serve_canary import openai_api
+
+    return {"chat": openai_api.ChatCompletionRequest, "completions": openai_api.CompletionRequest}
+
+
+async def _cancel_on_close(response: DeploymentResponseGenerator) -> AsyncIterator[Any]:
+    """Relay a handle stream; closing it before the end cancels the call (and the generation)."""
+    finished = False
+    try:
+        async for item in response:
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            response.cancel()
+
+
+def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle) -> ArmEndpoint:
+    streaming = handle.options(stream=True)
+
+    def open_call(kind: Kind, request: Any) -> AsyncIterator[Any]:
+        return _cancel_on_close(getattr(streaming, kind).remote(request))
+
+    return ArmEndpoint(name, arm.served_version, arm.model_id, request_models(arm), open_call)
+
+
+def _result(served: Served) -> dict[str, Any] | AsyncIterator[str]:
+    return served.stream if served.stream is not None else served.body  # type: ignore[return-value]
+
+
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class CanaryIngress:
     async def __init__(self, stable: DeploymentHandle, canary: DeploymentHandle, config: dict[str, Any]) -> None:
         self._config = CanaryConfig.model_validate(config)
-        self._arms: dict[Arm, DeploymentHandle] = {
-            "stable": stable.options(stream=True),
-            "canary": canary.options(stream=True),
+        self._arms = {
+            "stable": _endpoint("stable", self._config.stable, stable),
+            "canary": _endpoint("canary", self._config.canary, canary),
         }
         context = serve.get_replica_context()
         self._replica_id = context.replica_id.unique_id
@@ -157,95 +153,39 @@ class CanaryIngress:
 
     # -- the serving path ----------------------------------------------------------------
 
-    def _routing_key(self, headers: Mapping[str, str] | None, user: str | None) -> str | None:
+    def _routing_key(self, headers: Mapping[str, str] | None, user: Any) -> str | None:
         if headers is not None:
             for name in self._config.routing.key_headers:
                 value = headers.get(name)
                 if value:
                     return value
-        return user
+        return user if isinstance(user, str) and user else None
 
-    async def _open(
-        self, generation: GenerationRequest, key: str | None
-    ) -> tuple[_Tracker, GenerationChunk, DeploymentResponseGenerator]:
-        """Route, and wait for the first chunk; a canary that fails first falls back to stable."""
-        table = self._table
-        arm = table.arm_for(key)
-        while True:
-            tracker = _Tracker(generation.request_id, table, arm, time.perf_counter())
-            stream = self._arms[arm].generate.remote(generation)
-            try:
-                first = await stream.__anext__()
-            except Exception as exc:
-                self._records.append(tracker.record("error", "before_first_token"))
-                if arm == "canary" and self._config.failover:
-                    arm = "stable"
-                    continue
-                raise OpenAIError(
-                    502, f"model version {table.version_of(arm)} failed before its first token: {_failure_message(exc)}",
-                    "server_error",
-                ) from None
-            tracker.on_chunk(first)
-            return tracker, first, stream
-
-    async def _unary(self, builder: ResponseBuilder, tracker: _Tracker, first: GenerationChunk, stream: DeploymentResponseGenerator) -> dict[str, Any]:
-        parts = [first.text]
-        try:
-            async for chunk in stream:
-                tracker.on_chunk(chunk)
-                parts.append(chunk.text)
-        except Exception as exc:
-            self._records.append(tracker.record("error", "midstream"))
-            raise OpenAIError(502, f"model failed mid-generation: {_failure_message(exc)}", "server_error") from None
-        self._records.append(tracker.record("ok"))
-        return builder.unary("".join(parts), tracker.finish_reason, tracker.prompt_tokens, tracker.tokens)
-
-    async def _chunks(
-        self, builder: ResponseBuilder, tracker: _Tracker, first: GenerationChunk, stream: DeploymentResponseGenerator, include_usage: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        outcome, error_kind = "cancelled", None
-        try:
-            yield builder.chunk(first.text, first.finish_reason, first=True)
-            try:
-                async for chunk in stream:
-                    tracker.on_chunk(chunk)
-                    yield builder.chunk(chunk.text, chunk.finish_reason)
-            except Exception as exc:
-                outcome, error_kind = "error", "midstream"
-                yield OpenAIError(502, f"model failed mid-generation: {_failure_message(exc)}", "server_error").body()
-                return
-            outcome = "ok"
-            if include_usage:
-                yield builder.usage_chunk(tracker.prompt_tokens, tracker.tokens)
-        finally:
-            if outcome == "cancelled":
-                stream.cancel()
-            self._records.append(tracker.record(outcome, error_kind))
-
-    async def _serve(
-        self, kind: Literal["chat", "text"], body: Any, headers: Mapping[str, str] | None
-    ) -> tuple[_Tracker, dict[str, Any] | AsyncIterator[dict[str, Any]]]:
-        request = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
-        if request.model != self._config.model_name:
-            raise OpenAIError(404, f"the model {request.model!r} does not exist; this endpoint serves {self._config.model_name!r}", code="model_not_found", param="model")
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        tracker, first, stream = await self._open(request.to_generation(request_id), self._routing_key(headers, request.user))
-        served_by = {"arm": tracker.arm, "version": tracker.table.version_of(tracker.arm), "table_version": tracker.table.version, "replica": self._replica_id}
-        builder = ResponseBuilder(kind, request_id, self._config.model_name, served_by)
-        if request.stream:
-            include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return tracker, self._chunks(builder, tracker, first, stream, include_usage)
-        return tracker, await self._unary(builder, tracker, first, stream)
+    async def _serve(self, kind: Kind, body: Any, headers: Mapping[str, str] | None) -> Served:
+        if isinstance(body, dict) and body.get("model") != self._config.model_name:
+            raise OpenAIError(
+                404, f"the model {body.get('model')!r} does not exist; this endpoint serves {self._config.model_name!r}",
+                code="model_not_found", param="model",
+            )
+        served = await serve_request(
+            kind, body, self._routing_key(headers, body.get("user") if isinstance(body, dict) else None),
+            self._table, self._arms, self._records.append, request_id=uuid.uuid4().hex,
+            failover=self._config.failover,
+        )
+        if served.body is not None:
+            served.body["serve_canary"]["replica"] = self._replica_id
+        return served
 
     # -- Python handle API ------------------------------------------------------------------
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        """OpenAI chat completion; with `"stream": true` call via `handle.options(stream=True)`."""
-        return (await self._serve("chat", body, None))[1]
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
+        """OpenAI chat completion: a response dict, or with `"stream": true` (call via
+        `handle.options(stream=True)`) SSE blocks, one per batch of chunks."""
+        return _result(await self._serve("chat", body, None))
 
-    async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
-        """OpenAI text completion; with `"stream": true` call via `handle.options(stream=True)`."""
-        return (await self._serve("text", body, None))[1]
+    async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
+        """OpenAI text completion; streams as `chat` does."""
+        return _result(await self._serve("completions", body, None))
 
     async def status(self) -> dict[str, Any]:
         """The rollout status, plus which table this replica routes by."""
@@ -264,21 +204,12 @@ class CanaryIngress:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    async def _http(self, kind: Literal["chat", "text"], request: Request) -> Response:
-        tracker, result = await self._serve(kind, await _json_body(request), request.headers)
-        headers = {
-            "x-serve-canary-arm": tracker.arm,
-            "x-serve-canary-version": tracker.table.version_of(tracker.arm),
-        }
-        if isinstance(result, dict):
-            return JSONResponse(result, headers=headers)
-
-        async def events() -> AsyncIterator[str]:
-            async for chunk in result:
-                yield sse(chunk)
-            yield SSE_DONE
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    async def _http(self, kind: Kind, request: Request) -> Response:
+        served = await self._serve(kind, await _json_body(request), request.headers)
+        headers = {"x-serve-canary-arm": served.arm, "x-serve-canary-version": served.version}
+        if served.stream is None:
+            return JSONResponse(served.body, headers=headers)
+        return StreamingResponse(served.stream, media_type="text/event-stream", headers=headers)
 
     @api.post("/v1/chat/completions")
     async def http_chat(self, request: Request) -> Response:
@@ -286,7 +217,7 @@ class CanaryIngress:
 
     @api.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
-        return await self._http("text", request)
+        return await self._http("completions", request)
 
     @api.get("/v1/models")
     async def http_models(self) -> dict[str, Any]:

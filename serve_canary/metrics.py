@@ -26,8 +26,8 @@ class RequestRecord(NamedTuple):
     window: str
     arm: Arm
     version: str
-    outcome: str  # "ok" | "error" | "cancelled"
-    error_kind: str | None  # "before_first_token" | "midstream"
+    outcome: str  # "ok" | "error" | "cancelled" | "rejected" (the arm refused the client's request: 4xx)
+    error_kind: str | None  # "before_first_token" | "midstream" | a failed finish reason | "client_error"
     ttft_s: float | None
     itl_s: float | None  # mean gap between chunks' tokens, None below two tokens
     e2e_s: float
@@ -79,6 +79,7 @@ class ArmAggregate:
     requests: int = 0
     errors: int = 0
     cancelled: int = 0
+    rejected: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
     finish_reasons: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
@@ -94,6 +95,9 @@ class ArmAggregate:
     def add(self, record: RequestRecord) -> None:
         if record.outcome == "cancelled":
             self.cancelled += 1
+            return
+        if record.outcome == "rejected":
+            self.rejected += 1
             return
         self.requests += 1
         self.prompt_tokens += record.prompt_tokens

@@ -44,6 +44,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[dict[str, Any]]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Two vLLM engines starting on 2 cores starve the proxy and the health checks for seconds.
+    os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"
+    os.environ["RAY_SERVE_LLM_DEFAULT_HEALTH_CHECK_TIMEOUT_S"] = "60"
     os.environ["SERVE_CANARY_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas inherit the driver's environment
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     port = free_port()
@@ -73,15 +76,15 @@ def app_args(canary_engine: dict | None = None, stable_engine: dict | None = Non
 class App:
     """A deployed serve-canary application under test."""
 
-    def __init__(self, name: str, port: int) -> None:
-        self.name = name
+    def __init__(self, name: str, port: int, model: str = "test-llm") -> None:
+        self.name, self.model = name, model
         self.url = f"http://127.0.0.1:{port}/{name}"
         self.handle = serve.get_app_handle(name)
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
 
     def chat(self, user: str | None = None, **body: Any) -> httpx.Response:
         headers = {"x-user-id": user} if user else {}
-        payload = {"model": "test-llm", "messages": [{"role": "user", "content": "hello canary"}], **body}
+        payload = {"model": self.model, "messages": [{"role": "user", "content": "hello canary"}], **body}
         return self.http.post("/v1/chat/completions", json=payload, headers=headers)
 
     def status(self) -> dict[str, Any]:
@@ -116,43 +119,67 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
     deployed: list[str] = []
 
     def _deploy(args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None) -> App:
-        name = f"t{uuid.uuid4().hex[:8]}"
-        ingress: dict[str, Any] = {"name": "CanaryIngress", "num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
-        if ingress_env is not None:
-            ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
-        config = ServeDeploySchema.model_validate({
-            "http_options": {"host": "127.0.0.1", "port": cluster["port"]},
-            "applications": [{
-                "name": name,
-                "route_prefix": f"/{name}",
-                "import_path": "serve_canary.app:build_app",
-                "args": args,
-                "deployments": [ingress, {"name": "stable", "ray_actor_options": {"num_cpus": 0}}, {"name": "canary", "ray_actor_options": {"num_cpus": 0}}],
-            }],
-        })
-        _get_global_client().deploy_apps(config, _blocking=True)
+        name = deploy_app(cluster, args, ingress_replicas, ingress_env)
         deployed.append(name)
         return App(name, cluster["port"])
 
     yield _deploy
     for name in deployed:
-        serve.delete(name)
-        for actor in (controller_name(name), collector_name(name)):
-            try:
-                ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
+        delete_app(name)
+
+
+def deploy_app(
+    cluster: dict[str, Any], args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> str:
+    """Deploy one app through Serve's config path (the `deployments:` overrides included)."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    ingress: dict[str, Any] = {"name": "CanaryIngress", "num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
+    if ingress_env is not None:
+        ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
+    arms = [{"name": arm, "ray_actor_options": {"num_cpus": 0}} for arm in ("stable", "canary") if "llm_config" not in args[arm]]
+    config = ServeDeploySchema.model_validate({
+        "http_options": {"host": "127.0.0.1", "port": cluster["port"]},
+        "applications": [{
+            "name": name,
+            "route_prefix": f"/{name}",
+            "import_path": "serve_canary.app:build_app",
+            "args": args,
+            "deployments": [ingress, *arms],
+        }],
+    })
+    _get_global_client().deploy_apps(config)
+
+    def running() -> bool:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise AssertionError(f"{name} failed to deploy: {app.message}")
+        return app is not None and app.status == "RUNNING"
+
+    wait_for(running, timeout_s, f"application {name} to run", poll_s=0.2)
+    return name
+
+
+def delete_app(name: str) -> None:
+    serve.delete(name)
+    for actor in (controller_name(name), collector_name(name)):
+        try:
+            ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
 
 
 @contextlib.contextmanager
-def background_traffic(app: App, users: int = 10_000, concurrency: int = 24) -> Iterator[Counter[str]]:
+def background_traffic(
+    app: App, users: int = 10_000, concurrency: int = 24, body: dict[str, Any] | None = None
+) -> Iterator[Counter[str]]:
     """Chat requests from random users until the block exits; yields a live count of outcomes."""
     stop = threading.Event()
     outcomes: Counter[str] = Counter()
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
-            payload = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}]}
+            payload = body or {"model": app.model, "messages": [{"role": "user", "content": "hi"}]}
             try:
                 response = await client.post("/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"})
                 outcomes[str(response.status_code)] += 1

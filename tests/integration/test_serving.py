@@ -56,8 +56,8 @@ def test_sse_stream_ends_with_done_and_carries_headers(deploy):
         assert response.headers["x-serve-canary-arm"] in ("stable", "canary")
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
-    first = json.loads(events[0].removeprefix("data: "))
-    assert first["serve_canary"]["arm"] == response.headers["x-serve-canary-arm"]
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert all(chunk["object"] == "text_completion" and chunk["choices"] for chunk in chunks)
 
 
 def test_bad_requests_get_openai_error_bodies(deploy):
@@ -88,9 +88,12 @@ def test_handle_methods_return_openai_dicts_and_stream_chunks(deploy):
     body = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}], "user": "ada"}
     response = app.handle.chat.remote(body).result()
     assert response["object"] == "chat.completion" and response["usage"]["completion_tokens"] == OUTPUT_TOKENS
-    chunks = list(app.handle.options(stream=True).chat.remote({**body, "stream": True}))
-    assert chunks[0]["object"] == "chat.completion.chunk"
-    assert chunks[0]["serve_canary"]["arm"] == response["serve_canary"]["arm"]  # sticky by `user`
+    blocks = list(app.handle.options(stream=True).chat.remote({**body, "stream": True}))
+    assert len(blocks) < OUTPUT_TOKENS  # one SSE block per batch, not one message per token
+    events = [e for block in blocks for e in block.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {c["model"] for c in chunks} == {response["model"]}  # the same arm: sticky by `user`
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == response["choices"][0]["message"]["content"]
     text = app.handle.completions.remote({"model": "test-llm", "prompt": "a b c", "max_tokens": 2}).result()
     assert text["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

@@ -45,8 +45,12 @@ def test_defaults_are_the_seeds():
          "rollout.phases: the last phase's weight must be 1.0"),
         ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "a", "weight": 1.0}]}},
          "rollout.phases: phase names must be unique"),
-        ({"canary": {"version": "v2", "engine": "tgi"}}, "canary.engine: Input should be 'simulated' or 'vllm' (got 'tgi')"),
-        ({"canary": {"version": "v1", "engine": "simulated"}}, "stable.version and canary.version must differ, both are 'v1'"),
+        ({"canary": {"version": "v2", "engine": "tgi"}}, "canary.engine: Input should be 'simulated' (got 'tgi')"),
+        ({"canary": {"version": "v1", "engine": "simulated"}}, "stable and canary versions must differ, both are 'v1'"),
+        ({"canary": {"llm_config": {"engine_kwargs": {}}}}, "canary: llm_config.model_loading_config.model_id is required"),
+        ({"canary": {"engine": "simulated", "llm_config": {"model_loading_config": {"model_id": "m"}}}},
+         "canary: give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither"),
+        ({"canary": {"engine": "simulated"}}, "canary: version is required for a simulated arm"),
         ({"state_store": "redis://x"}, "state_store: must be 'gcs' or 'file:///absolute/path', got 'redis://x'"),
         ({"rollout": {"interval_s": 0}}, "rollout.interval_s: Input should be greater than 0"),
         ({"health": {"max_error_rate": -0.1}}, "health.max_error_rate: Input should be greater than or equal to 0"),
@@ -63,7 +67,7 @@ def test_missing_keys_are_named():
     with pytest.raises(ConfigError) as error:
         parse_config({"stable": {"version": "v1"}})
     message = str(error.value)
-    for key in ("model_name: Field required", "stable.engine: Field required", "canary: Field required"):
+    for key in ("model_name: Field required", "stable: give either `engine: simulated`", "canary: Field required"):
         assert key in message
 
 
@@ -72,24 +76,21 @@ def test_build_app_checks_engine_args_of_each_arm():
         build_app(args(canary={"version": "v2", "engine": "simulated", "engine_args": {"error_rate": 2}}))
     with pytest.raises(ConfigError, match=r"stable.engine_args.ttft: Extra inputs are not permitted"):
         build_app(args(stable={"version": "v1", "engine": "simulated", "engine_args": {"ttft": 5}}))
-    with pytest.raises(ConfigError, match=r"stable.engine_args.model: required for engine 'vllm'"):
-        build_app(args(stable={"version": "v1", "engine": "vllm"}))
 
 
-def test_build_app_binds_two_named_model_deployments_without_importing_vllm():
+def test_simulated_arms_build_without_importing_ray_serve_llm_or_vllm():
     import sys
 
-    app = build_app(args(stable={"version": "v1", "engine": "vllm", "engine_args": {"model": "some/model"}}))
-    assert app is not None
-    assert "vllm" not in sys.modules
+    assert build_app(args()) is not None
+    assert "vllm" not in sys.modules and "ray.serve.llm" not in sys.modules
 
 
-@pytest.mark.parametrize("path", ["configs/local.yaml", "configs/canary.yaml"])
+@pytest.mark.parametrize("path", ["configs/local.yaml", "configs/canary.yaml", "configs/vllm-cpu.yaml"])
 def test_shipped_configs_are_valid(path):
     document = yaml.safe_load((ROOT / path).read_text())
     for application in document["applications"]:
         config = parse_config(application["args"])
-        assert config.stable.version != config.canary.version
+        assert config.stable.served_version != config.canary.served_version
 
 
 def test_local_config_starts_on_a_small_cpu_machine():

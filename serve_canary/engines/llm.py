@@ -1,0 +1,65 @@
+"""The vLLM arm: Ray Serve LLM's `LLMServer`, built by Ray Serve LLM's own builder from the
+user's `LLMConfig`, with three changes a canary needs.
+
+- Stream batching with the first-item rule (`serve_canary.batching`): `LLMServer` holds even
+  the first token for its 50 ms interval, which a canary would report as slower TTFT.
+- Warm-up: the replica answers one generation before its constructor returns, so Serve never
+  routes users to a cold engine (a cold engine's first requests take seconds and would be
+  judged as a slow canary).
+- Shutdown: the vLLM engine (and its worker processes) stops with the replica, so a GPU is
+  free for the replacement at once.
+
+Importing this module imports Ray Serve LLM and vLLM; `build_app` imports it only for arms
+with an `llm_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+from ray.serve.llm.openai_api_models import CompletionRequest
+
+from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
+
+logger = logging.getLogger("serve_canary.engines.llm")
+WARM_UP_PROMPT = "warm up"
+
+
+class CanaryLLMServer(LLMServer):
+    """`LLMServer` with first-item stream batching, warm-up and engine shutdown."""
+
+    async def start(self) -> None:
+        await super().start()
+        started = time.perf_counter()
+        model_id = self._llm_config.model_id
+        request = CompletionRequest(model=model_id, prompt=WARM_UP_PROMPT, max_tokens=1, temperature=0.0)
+        async for item in await self.completions(request):
+            if getattr(item, "error", None) is not None:
+                raise RuntimeError(f"warm-up generation of {model_id} failed: {item.error.message}")
+        logger.info("%s answered its warm-up generation in %.2f s", model_id, time.perf_counter() - started)
+
+    def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncGenerator[list[Any], None]:
+        interval_ms = self._llm_config.experimental_configs.get("stream_batching_interval_ms", DEFAULT_INTERVAL_MS)
+        return batched(generator, float(interval_ms))
+
+    async def running_requests(self) -> int:
+        """Requests the engine is generating now (an aborted request is no longer counted)."""
+        return int(self.engine._engine_client.get_num_unfinished_requests())  # type: ignore[union-attr]
+
+    async def __del__(self) -> None:
+        await super().__del__()
+        client = getattr(self.engine, "_engine_client", None)
+        if client is not None:
+            client.shutdown()
+
+
+def build_arm(name: str, llm_config: dict[str, Any]) -> Application:
+    """The arm's deployment, named `name` so a Serve config's `deployments:` can address it."""
+    config = LLMConfig.model_validate(llm_config)
+    return build_llm_deployment(config, deployment_cls=CanaryLLMServer, override_serve_options={"name": name})
+

@@ -1,0 +1,159 @@
+"""A CPU model server with configured timing and faults, no GPU, no weights.
+
+It speaks Ray Serve LLM's `LLMServer` contract, so the ingress has one serving path: `chat`
+and `completions` take an OpenAI request object and, called through a streaming handle, yield
+one response object (or `ErrorResponse`) for a unary request, and lists of SSE strings for a
+stream (the first item alone and at once, then one list per batching interval). Tests,
+benchmarks and the local demo use it to make healthy and unhealthy canaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
+from serve_canary.openai_api import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    Response,
+    sse,
+    usage,
+)
+
+_WORDS = ("the", "canary", "sings", "while", "stable", "models", "serve", "tokens", "to", "users")
+
+
+class SimulatedEngineArgs(BaseModel):
+    """The engine's knobs; times in milliseconds, rates in [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float = Field(default=50.0, ge=0.0)
+    itl_ms: float = Field(default=10.0, ge=0.0)
+    jitter: float = Field(default=0.1, ge=0.0, le=1.0, description="each delay × uniform(1 ± jitter)")
+    output_tokens: int = Field(default=32, ge=1)
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail before the first token")
+    midstream_error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail halfway")
+    max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
+    stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
+    seed: int | None = None
+
+
+def count_prompt_tokens(request: ChatCompletionRequest | CompletionRequest) -> int:
+    if isinstance(request, CompletionRequest):
+        assert isinstance(request.prompt, str)
+        return len(request.prompt.split())
+    return sum(len(m.text().split()) + 1 for m in request.messages)
+
+
+def _engine_error(message: str) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=message, type="InternalServerError", code=500))
+
+
+class SimulatedEngine:
+    """Generates `output_tokens` words (capped by max_tokens): TTFT, then one token per ITL.
+
+    Yields what vLLM's OpenAI serving layer yields: per-token SSE strings for a stream, one
+    `Response` otherwise, an `ErrorResponse` for a failure before the first token, and an
+    error event for a failure mid-stream.
+    """
+
+    def __init__(self, model_id: str, args: SimulatedEngineArgs) -> None:
+        self.model_id = model_id
+        self.args = args
+        self._rng = random.Random(args.seed)
+
+    def _delay(self, ms: float) -> float:
+        jitter = self.args.jitter
+        return ms / 1000.0 * self._rng.uniform(1.0 - jitter, 1.0 + jitter)
+
+    async def generate(self, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[Any]:
+        args = self.args
+        chat = isinstance(request, ChatCompletionRequest)
+        limit = (request.max_completion_tokens if chat else None) or request.max_tokens  # type: ignore[union-attr]
+        prompt_tokens = count_prompt_tokens(request)
+        if prompt_tokens + (limit or 1) > args.max_model_len:
+            message = (
+                f"This model's maximum context length is {args.max_model_len} tokens; the prompt has "
+                f"{prompt_tokens} and {limit or 1} output tokens were requested"
+            )
+            yield ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", param="input_tokens", code=400))
+            return
+        fails_early = self._rng.random() < args.error_rate
+        fails_midway = self._rng.random() < args.midstream_error_rate
+        await asyncio.sleep(self._delay(args.ttft_ms))
+        if fails_early:
+            yield _engine_error("simulated engine failure before the first token")
+            return
+        total = min(args.output_tokens, limit or args.output_tokens)
+        finish = "length" if total < args.output_tokens else "stop"
+        words = [_WORDS[i % len(_WORDS)] for i in range(total)]
+        prefix = "chatcmpl" if chat else "cmpl"
+        envelope = {
+            "id": f"{prefix}-{request.request_id}", "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": self.model_id,
+        }
+        if not request.stream:
+            for _ in range(total - 1):
+                await asyncio.sleep(self._delay(args.itl_ms))
+            if fails_midway:
+                yield _engine_error("simulated engine failure mid-generation")
+                return
+            text = " ".join(words)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            body = {**envelope, "object": "chat.completion" if chat else "text_completion", "choices": [choice]}
+            yield Response(**body, usage=usage(prompt_tokens, total))
+            return
+
+        def chunk(text: str, finish_reason: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": text} if role else {"content": text}
+                return sse({**envelope, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+            return sse({**envelope, "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}]})
+
+        if chat:
+            yield chunk("", None, role=True)
+        for i, word in enumerate(words):
+            if i > 0:
+                await asyncio.sleep(self._delay(args.itl_ms))
+            if fails_midway and i >= total // 2:
+                yield sse(_engine_error("simulated engine failure mid-stream").model_dump())
+                yield SSE_DONE
+                return
+            yield chunk(word if i == 0 else f" {word}", finish if i == total - 1 else None)
+        if request.include_usage:
+            yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, total)})
+        yield SSE_DONE
+
+
+class SimulatedServer:
+    """A model server with `LLMServer`'s `chat`/`completions` contract (`build_app` makes it a
+    Serve deployment; unit tests call it in-process)."""
+
+    def __init__(self, model_id: str, engine_args: dict[str, Any]) -> None:
+        self._engine = SimulatedEngine(model_id, SimulatedEngineArgs.model_validate(engine_args))
+
+    async def _run(self, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[Any]:
+        if not request.stream:
+            async for item in self._engine.generate(request):
+                yield item
+            return
+        async for batch in batched(self._engine.generate(request), self._engine.args.stream_batching_interval_ms):
+            yield batch
+
+    async def chat(self, request: ChatCompletionRequest, raw_request_info: object = None) -> AsyncIterator[Any]:
+        async for item in self._run(request):
+            yield item
+
+    async def completions(self, request: CompletionRequest, raw_request_info: object = None) -> AsyncIterator[Any]:
+        async for item in self._run(request):
+            yield item

@@ -1,0 +1,271 @@
+"""The serving path, with no Ray in it: route one OpenAI request to an arm, fail over, relay
+what the arm yields, and record what happened.
+
+Both kinds of arm speak Ray Serve LLM's `LLMServer` contract: called as a stream, `chat` and
+`completions` yield one response object (or an `ErrorResponse`) for a unary request, and
+lists of SSE strings for a stream. The ingress passes each arm in as an `ArmEndpoint` whose
+`open` starts a call, and a sink for the records; tests pass the simulated server itself.
+
+What the ingress reads, and what it does not: a batch's arrival time, a cheap prefix check of
+each item for an error event, and the stream's last few items (finish reason and usage, which
+the ingress always asks the arm for and strips when the client did not). It never parses or
+re-frames a token chunk, so a batch crosses to the client as one write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from serve_canary.metrics import RequestRecord
+from serve_canary.openai_api import Envelope, OpenAIError, validation_error
+from serve_canary.routing import Arm, RoutingTable
+
+Kind = Literal["chat", "completions"]
+RecordSink = Callable[[RequestRecord], None]
+ERROR_EVENT_PREFIX = 'data: {"error"'
+DONE_EVENT = "data: [DONE]"
+# A finish reason that means the engine failed, or the model degenerated into repetition.
+FAILED_FINISH_REASONS = frozenset({"error", "repetition"})
+
+
+@dataclass(frozen=True)
+class ArmEndpoint:
+    """One arm as the serving path sees it."""
+
+    name: Arm
+    version: str
+    model_id: str
+    request_models: dict[Kind, type[BaseModel]]
+    open: Callable[[Kind, Any], AsyncIterator[Any]]  # closing the iterator cancels the call
+
+    def request(self, kind: Kind, body: dict[str, Any], request_id: str, stream: bool) -> Any:
+        """The arm's own request object: its model id, our request id, usage always on."""
+        payload = {**body, "model": self.model_id, "request_id": request_id}
+        if stream:
+            options = body.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        try:
+            return self.request_models[kind].model_validate(payload)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+@dataclass(frozen=True)
+class Served:
+    """A request that an arm accepted: who served it, and a body or a stream of SSE blocks."""
+
+    arm: Arm
+    version: str
+    request_id: str
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[str] | None = None
+
+
+def _error_of(item: Any) -> tuple[int, str] | None:
+    """(status, message) when `item` is an `ErrorResponse` (vLLM's, Ray's or ours)."""
+    error = getattr(item, "error", None)
+    if error is None:
+        return None
+    return int(getattr(error, "code", 500) or 500), str(getattr(error, "message", error))
+
+
+def _failure(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {text}"
+
+
+class _Attempt:
+    """Times one call to one arm and turns it into a RequestRecord."""
+
+    def __init__(self, request_id: str, table: RoutingTable, arm: Arm, clock: Callable[[], float]) -> None:
+        self.request_id, self.table, self.arm, self.clock = request_id, table, arm, clock
+        self.started = clock()
+        self.first_at: float | None = None
+        self.last_at = self.started
+
+    def record(
+        self, outcome: str, error_kind: str | None = None, prompt_tokens: int = 0, output_tokens: int = 0,
+        finish_reason: str | None = None,
+    ) -> RequestRecord:
+        now = self.clock()
+        ttft = None if self.first_at is None else self.first_at - self.started
+        itl = None
+        if self.first_at is not None and output_tokens > 1:
+            itl = (self.last_at - self.first_at) / (output_tokens - 1)
+        return RequestRecord(
+            self.request_id, self.table.window, self.arm, self.table.version_of(self.arm), outcome, error_kind,
+            ttft, itl, now - self.started, prompt_tokens, output_tokens, finish_reason, self.table.canary_weight,
+        )
+
+
+def _finish_reasons(choices: Any) -> list[str]:
+    if not isinstance(choices, list):
+        return []
+    return [c["finish_reason"] for c in choices if isinstance(c, dict) and c.get("finish_reason")]
+
+
+def _outcome(finish_reasons: list[str]) -> tuple[str, str | None]:
+    failed = [reason for reason in finish_reasons if reason in FAILED_FINISH_REASONS]
+    return ("error", failed[0]) if failed else ("ok", None)
+
+
+class _StreamTail:
+    """The last few data items of a stream, parsed once at its end for usage and finish reason."""
+
+    def __init__(self) -> None:
+        self.items: deque[str] = deque(maxlen=4)
+
+    def summary(self) -> tuple[int, int, str | None]:
+        """(prompt tokens, completion tokens, finish reason) as the arm reported them."""
+        prompt = completion = 0
+        finish: str | None = None
+        for item in reversed(self.items):
+            if item.startswith(DONE_EVENT) or not item.startswith("data: "):
+                continue
+            try:
+                chunk = json.loads(item[6:])
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if isinstance(chunk.get("usage"), dict) and not completion:
+                prompt = int(chunk["usage"].get("prompt_tokens") or 0)
+                completion = int(chunk["usage"].get("completion_tokens") or 0)
+            reasons = _finish_reasons(chunk.get("choices"))
+            if reasons and finish is None:
+                failed = [r for r in reasons if r in FAILED_FINISH_REASONS]
+                finish = failed[0] if failed else reasons[0]
+        return prompt, completion, finish
+
+
+def _is_usage_only(item: str) -> bool:
+    return item.startswith("data: {") and '"choices":[]' in item and '"usage"' in item
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def serve_request(
+    kind: Kind,
+    body: Any,
+    key: str | None,
+    table: RoutingTable,
+    arms: dict[Arm, ArmEndpoint],
+    record: RecordSink,
+    *,
+    request_id: str,
+    failover: bool,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Served:
+    """Route `body` by `key`, call the arm and wait for its first item.
+
+    A canary that fails before its first item (an exception, or a 5xx `ErrorResponse`) is
+    recorded as a canary error and, with `failover`, the request goes to stable. A 4xx from an
+    arm is the client's error: it is raised as such, never failed over, never held against
+    the arm (recorded as `rejected`).
+    """
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    try:
+        envelope = Envelope.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    arm = table.arm_for(key)
+    while True:
+        endpoint = arms[arm]
+        request = endpoint.request(kind, body, request_id, envelope.stream)
+        attempt = _Attempt(request_id, table, arm, clock)
+        stream = endpoint.open(kind, request)
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:
+            failure: tuple[int, str] | None = (502, _failure(exc))
+        else:
+            attempt.first_at = attempt.last_at = clock()
+            failure = _error_of(first[0] if isinstance(first, list) and first else first)
+        if failure is None:
+            break
+        status, message = failure
+        await _close(stream)
+        if 400 <= status < 500:
+            record(attempt.record("rejected", "client_error"))
+            raise OpenAIError(status, message)
+        record(attempt.record("error", "before_first_token"))
+        if arm == "canary" and failover:
+            arm = "stable"
+            continue
+        raise OpenAIError(
+            502, f"model version {endpoint.version} failed before its first token: {message}", "server_error"
+        )
+    if not envelope.stream:
+        await _close(stream)
+        return Served(arm, endpoint.version, request_id, body=_unary(first, endpoint, attempt, record))
+    return Served(arm, endpoint.version, request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage))
+
+
+def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:
+    body: dict[str, Any] = response.model_dump(mode="json") if hasattr(response, "model_dump") else dict(response)
+    tokens = body.get("usage") or {}
+    outcome, error_kind = _outcome(reasons := _finish_reasons(body.get("choices")))
+    record(attempt.record(
+        outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0),
+        reasons[0] if reasons else None,
+    ))
+    body["serve_canary"] = {"arm": endpoint.name, "version": endpoint.version, "table_version": attempt.table.version}
+    return body
+
+
+async def _relay(
+    first: list[Any], stream: AsyncIterator[list[Any]], attempt: _Attempt, record: RecordSink, include_usage: bool
+) -> AsyncIterator[str]:
+    """Yield each batch as one SSE block; record the stream when it ends, however it ends."""
+    tail = _StreamTail()
+    received = 0
+    outcome, error_kind = "cancelled", None
+    try:
+        batch: list[Any] | None = first
+        while batch is not None:
+            items: list[str] = []
+            for item in batch:
+                if not isinstance(item, str):
+                    error = _error_of(item)
+                    item = f"data: {json.dumps({'error': {'message': error[1] if error else str(item), 'code': error[0] if error else 500}})}\n\n"
+                if item.startswith(ERROR_EVENT_PREFIX):
+                    outcome, error_kind = "error", "midstream"
+                items.append(item)
+            received += len(items)
+            tail.items.extend(items[-3:])
+            if not include_usage:
+                items = items[:-2] + [item for item in items[-2:] if not _is_usage_only(item)]
+            if items:
+                yield "".join(items)
+            try:
+                batch = await stream.__anext__()
+                attempt.last_at = attempt.clock()
+            except StopAsyncIteration:
+                batch = None
+        if outcome == "cancelled":
+            outcome = "ok"
+    except Exception as exc:
+        outcome, error_kind = "error", "midstream"
+        message = _failure(exc)
+        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n"
+    finally:
+        prompt, completion, finish = tail.summary()
+        if outcome == "ok":
+            outcome, error_kind = _outcome([finish] if finish else [])
+        if outcome == "cancelled":
+            await _close(stream)
+            completion = completion or received
+        record(attempt.record(outcome, error_kind, prompt, completion, finish))

@@ -1,0 +1,178 @@
+"""The serving path in-process: routing, failover, relaying batches and what gets recorded,
+against the simulated model server itself (the same object Serve runs as a replica)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from serve_canary import openai_api
+from serve_canary.engines.simulated import SimulatedServer
+from serve_canary.metrics import RequestRecord
+from serve_canary.openai_api import OpenAIError
+from serve_canary.routing import Arm, RoutingTable
+from serve_canary.serving import ArmEndpoint, Kind, Served, serve_request
+
+MODELS: dict[Kind, Any] = {"chat": openai_api.ChatCompletionRequest, "completions": openai_api.CompletionRequest}
+FAST = {"ttft_ms": 5, "itl_ms": 2, "output_tokens": 6, "jitter": 0.0}
+
+
+def table(weight: float) -> RoutingTable:
+    return RoutingTable(1, "r1", "r1/a1/w0", "salt", weight, "v1", "v2", "init", "running")
+
+
+class Opened:
+    """Counts what the arm was asked and whether each call ran to its end or was closed."""
+
+    def __init__(self, server: SimulatedServer) -> None:
+        self.server, self.calls, self.closed_early = server, 0, 0
+
+    def __call__(self, kind: Kind, request: Any):
+        self.calls += 1
+        return self._run(getattr(self.server, kind)(request))
+
+    async def _run(self, stream):
+        finished = False
+        try:
+            async for item in stream:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self.closed_early += 1
+            await stream.aclose()
+
+
+def arms(canary: dict | None = None, stable: dict | None = None) -> dict[Arm, ArmEndpoint]:
+    made = {}
+    for name, version, extra in (("stable", "v1", stable), ("canary", "v2", canary)):
+        server = SimulatedServer(f"model-{version}", {**FAST, **(extra or {})})
+        made[name] = ArmEndpoint(name, version, f"model-{version}", MODELS, Opened(server))
+    return made
+
+
+async def call(body: dict, weight: float = 0.0, failover: bool = True, kind: Kind = "chat", endpoints=None):
+    records: list[RequestRecord] = []
+    endpoints = endpoints or arms()
+    served = await serve_request(
+        kind, body, "user-1", table(weight), endpoints, records.append, request_id="rid", failover=failover
+    )
+    return served, records
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "public", "messages": [{"role": "user", "content": "hello canary"}], **extra}
+
+
+async def drain(served: Served) -> list[str]:
+    assert served.stream is not None
+    return [block async for block in served.stream]
+
+
+def sse_events(blocks: list[str]) -> list[str]:
+    return [e for block in blocks for e in block.split("\n\n") if e]
+
+
+async def test_unary_answer_is_the_arms_body_and_one_ok_record():
+    served, records = await call(chat(max_tokens=4))
+    assert (served.arm, served.version) == ("stable", "v1")
+    assert served.body["model"] == "model-v1" and served.body["id"] == "chatcmpl-rid"
+    assert served.body["choices"][0]["finish_reason"] == "length"
+    assert served.body["serve_canary"] == {"arm": "stable", "version": "v1", "table_version": 1}
+    [record] = records
+    assert (record.arm, record.outcome, record.output_tokens, record.prompt_tokens) == ("stable", "ok", 4, 3)
+    assert record.finish_reason == "length" and record.ttft_s is not None and record.e2e_s >= record.ttft_s
+
+
+async def test_stream_relays_batches_whole_and_strips_usage_the_client_did_not_ask_for():
+    served, records = await call(chat(stream=True), weight=1.0)
+    blocks = await drain(served)
+    assert served.arm == "canary"
+    events = sse_events(blocks)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["choices"] for c in chunks), "the usage chunk the ingress asked for must not reach the client"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len(text.split()) == FAST["output_tokens"]
+    assert len(blocks) < len(events)  # batches, not one message per token
+    [record] = records
+    assert (record.outcome, record.output_tokens, record.finish_reason) == ("ok", 6, "stop")
+    assert record.itl_s is not None and record.itl_s > 0
+
+
+async def test_stream_keeps_usage_when_the_client_asked():
+    served, records = await call(chat(stream=True, stream_options={"include_usage": True}))
+    events = sse_events(await drain(served))
+    usage_chunk = json.loads(events[-2][6:])
+    assert usage_chunk["usage"]["completion_tokens"] == records[0].output_tokens == 6
+
+
+async def test_canary_failure_before_first_token_fails_over_and_is_held_against_the_canary():
+    served, records = await call(chat(), weight=1.0, endpoints=arms(canary={"error_rate": 1.0}))
+    assert served.arm == "stable"
+    assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
+        ("canary", "error", "before_first_token"), ("stable", "ok", None),
+    ]
+
+
+async def test_without_failover_the_failure_is_a_502():
+    with pytest.raises(OpenAIError) as failure:
+        await call(chat(), weight=1.0, failover=False, endpoints=arms(canary={"error_rate": 1.0}))
+    assert failure.value.status == 502 and "v2" in failure.value.message
+
+
+async def test_a_client_error_from_the_arm_is_relayed_and_not_held_against_it():
+    endpoints = arms(canary={"max_model_len": 8})
+    with pytest.raises(OpenAIError) as failure:
+        await call(chat(max_tokens=7), weight=1.0, endpoints=endpoints)
+    assert failure.value.status == 400 and "context length" in failure.value.message
+    assert endpoints["stable"].open.calls == 0  # never failed over
+
+
+async def test_a_client_error_is_recorded_as_rejected():
+    endpoints = arms(canary={"max_model_len": 8})
+    records: list[RequestRecord] = []
+    with pytest.raises(OpenAIError):
+        await serve_request("chat", chat(max_tokens=7), "k", table(1.0), endpoints, records.append, request_id="x", failover=True)
+    assert [(r.arm, r.outcome) for r in records] == [("canary", "rejected")]
+
+
+async def test_fields_the_arm_cannot_honour_are_a_400_before_any_call():
+    endpoints = arms()
+    with pytest.raises(OpenAIError) as failure:
+        await call(chat(response_format={"type": "json_object"}), endpoints=endpoints)
+    assert failure.value.status == 400 and failure.value.param == "response_format"
+    assert endpoints["stable"].open.calls == 0
+
+
+async def test_midstream_error_reaches_the_client_and_is_recorded():
+    served, records = await call(chat(stream=True), endpoints=arms(stable={"midstream_error_rate": 1.0}))
+    events = sse_events(await drain(served))
+    assert any(e.startswith('data: {"error"') for e in events)
+    assert (records[0].outcome, records[0].error_kind) == ("error", "midstream")
+
+
+async def test_a_client_that_goes_away_cancels_the_generation_and_is_recorded_cancelled():
+    endpoints = arms(stable={"output_tokens": 200, "itl_ms": 5})
+    served, records = await call(chat(stream=True), endpoints=endpoints)
+    assert served.stream is not None
+    await served.stream.__anext__()
+    await served.stream.aclose()
+    assert endpoints["stable"].open.closed_early == 1
+    [record] = records
+    assert record.outcome == "cancelled" and record.output_tokens < 200
+
+
+async def test_text_completions_are_served_the_same_way():
+    served, records = await call({"model": "public", "prompt": "once upon", "max_tokens": 3}, kind="completions")
+    assert len(served.body["choices"][0]["text"].split()) == 3 and served.body["id"] == "cmpl-rid"
+    assert records[0].output_tokens == 3
+
+
+@pytest.mark.parametrize("body", [[], "x", {"messages": []}, {"model": 3}, {"model": "public", "stream": "yes"}])
+async def test_malformed_bodies_are_400s(body):
+    with pytest.raises(OpenAIError) as failure:
+        await call(body)
+    assert failure.value.status == 400
