@@ -37,7 +37,8 @@ from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.simulated import SimulatedServer
+from serve_canary.app import SIMULATED_DEPLOYMENT_OPTIONS
+from serve_canary.engines.simulated import SimulatedServer
 from serve_canary.openai_api import CompletionRequest
 from serve_canary.routing import RoutingTable
 
@@ -49,10 +50,15 @@ STREAM_ITL_MS = 5  # the streaming comparison's inter-token delay
 passthrough_api = FastAPI()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+def _arm_request(body: dict) -> CompletionRequest:
+    return CompletionRequest.model_validate({**body, "request_id": "bench"})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(passthrough_api)
 class PassThroughIngress:
-    """What any Ray Serve composition pays: hash a key, pick a handle, relay the stream."""
+    """What any Ray Serve composition pays: hash a key, pick a handle, relay what the model
+    server yields (its response object, or its SSE batches as they come)."""
 
     def __init__(self, stable: DeploymentHandle, canary: DeploymentHandle) -> None:
         self._arms = (stable.options(stream=True), canary.options(stream=True))
@@ -62,34 +68,30 @@ class PassThroughIngress:
         return self._arms[int.from_bytes(digest, "big") % 2]
 
     async def completions(self, body: dict) -> dict:
-        request = CompletionRequest.model_validate(body)
-        text = [chunk.text async for chunk in self._arm(request.user).generate.remote(request.to_generation("bench"))]
-        return {"choices": [{"index": 0, "text": "".join(text)}]}
+        request = _arm_request(body)
+        [response] = [item async for item in self._arm(request.user).completions.remote(request)]
+        return response.model_dump()
 
     @passthrough_api.post("/v1/completions")
     async def http_completions(self, request: Request):
         from fastapi.responses import StreamingResponse
 
-        body = await request.json()
-        parsed = CompletionRequest.model_validate(body)
-        stream = self._arm(parsed.user).generate.remote(parsed.to_generation("bench"))
+        parsed = _arm_request(await request.json())
+        stream = self._arm(parsed.user).completions.remote(parsed)
         if not parsed.stream:
-            return {"choices": [{"index": 0, "text": "".join([chunk.text async for chunk in stream])}]}
+            return [item async for item in stream][0].model_dump()
 
         async def events():
-            async for chunk in stream:
-                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': chunk.text}]})}\n\n"
-            yield "data: [DONE]\n\n"
+            async for batch in stream:
+                yield "".join(batch)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def passthrough_app(args: dict) -> Any:
     engine = args["engine_args"]
-    return PassThroughIngress.bind(
-        SimulatedServer.options(name="stable").bind("v1", MODEL, engine),
-        SimulatedServer.options(name="canary").bind("v2", MODEL, engine),
-    )
+    arm = serve.deployment(SimulatedServer, **SIMULATED_DEPLOYMENT_OPTIONS)
+    return PassThroughIngress.bind(arm.options(name="stable").bind("v1", engine), arm.options(name="canary").bind("v2", engine))
 
 
 def free_port() -> int:
@@ -149,10 +151,10 @@ def body(i: int, stream: bool = False, max_tokens: int = 16) -> dict:
 async def unary_trials(http: httpx.AsyncClient, port: int, concurrency: int, total: int) -> dict[str, dict]:
     direct = serve.get_deployment_handle("stable", app_name="baseline").options(stream=True)
     handles = {"baseline": serve.get_app_handle("baseline"), "serve-canary": serve.get_app_handle("canary")}
-    prompt = CompletionRequest.model_validate(body(0)).to_generation("bench")
+    prompt = _arm_request(body(0))
 
     async def direct_call(_: int) -> None:
-        [chunk async for chunk in direct.generate.remote(prompt)]
+        [item async for item in direct.completions.remote(prompt)]
 
     calls = {"handle/direct": direct_call}
     for name, handle in handles.items():

@@ -33,6 +33,8 @@ ERROR_EVENT_PREFIX = 'data: {"error"'
 DONE_EVENT = "data: [DONE]"
 # A finish reason that means the engine failed, or the model degenerated into repetition.
 FAILED_FINISH_REASONS = frozenset({"error", "repetition"})
+# The `id` a client sees, which feedback names: vLLM (and the simulated engine) prefix ours.
+RESPONSE_ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl", "completions": "cmpl"}
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ async def serve_request(
     while True:
         endpoint = arms[arm]
         request = endpoint.request(kind, body, request_id, envelope.stream)
-        attempt = _Attempt(request_id, table, arm, clock)
+        attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, clock)
         stream = endpoint.open(kind, request)
         try:
             first = await stream.__anext__()
@@ -210,8 +212,8 @@ async def serve_request(
         )
     if not envelope.stream:
         await _close(stream)
-        return Served(arm, endpoint.version, request_id, body=_unary(first, endpoint, attempt, record))
-    return Served(arm, endpoint.version, request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage))
+        return Served(arm, endpoint.version, attempt.request_id, body=_unary(first, endpoint, attempt, record))
+    return Served(arm, endpoint.version, attempt.request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage))
 
 
 def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:

@@ -83,6 +83,7 @@ async def test_unary_answer_is_the_arms_body_and_one_ok_record():
     assert served.body["serve_canary"] == {"arm": "stable", "version": "v1", "table_version": 1}
     [record] = records
     assert (record.arm, record.outcome, record.output_tokens, record.prompt_tokens) == ("stable", "ok", 4, 3)
+    assert record.request_id == served.request_id == served.body["id"]  # what feedback names
     assert record.finish_reason == "length" and record.ttft_s is not None and record.e2e_s >= record.ttft_s
 
 

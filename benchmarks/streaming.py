@@ -1,0 +1,242 @@
+"""Tokens at engine speed? Streaming through three paths, batching off and on, one run:
+
+  direct        handle → the simulated model deployment (no ingress, no HTTP)
+  baseline      a bare pass-through ingress over HTTP (benchmarks.routing_overhead)
+  serve-canary  the real CanaryIngress over HTTP
+
+N concurrent streams of 256 tokens at a 10 ms inter-token gap (offered: N × 100 tokens/s),
+each with the model servers' `stream_batching_interval_ms` at 0 (one message per token) and
+at the default. Per path: tokens/s, client-side time to first token and gap between tokens
+(p50/p99), and the ingress replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
+
+    python -m benchmarks.streaming           # 64 and 256 streams, 3 trials (~10 min on 2 cores)
+    python -m benchmarks.streaming --vllm    # real engines: tiny vLLM models, 8 and 32 streams
+    python -m benchmarks.streaming --quick   # smoke run: checks the harness, not speed
+
+Writes benchmarks/results/streaming{,_vllm,_quick}.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import ray
+from ray import serve
+
+from benchmarks.routing_overhead import MODEL, _arm_request, body, deploy, free_port
+from serve_canary.batching import DEFAULT_INTERVAL_MS
+
+RESULTS = Path(__file__).parent / "results"
+ITL_MS = 10
+TOKENS = 256
+
+
+def _ingress_processes(app: str) -> list[psutil.Process]:
+    title = f"ServeReplica:{app}:"
+    ingress = ("PassThroughIngress", "CanaryIngress")
+    return [
+        p for p in psutil.process_iter(["cmdline"])
+        if any(f"{title}{name}" in " ".join(p.info["cmdline"] or ()) for name in ingress)
+    ]
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+
+
+class Meter:
+    """Client-side timing of many streams: arrival of each token event, per stream."""
+
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.gaps: list[float] = []
+        self.tokens = 0
+
+    def stream(self, started: float, arrivals: list[tuple[float, int]]) -> None:
+        """`arrivals`: (time, tokens that arrived together) per message."""
+        if not arrivals:
+            return
+        self.ttft.append(arrivals[0][0] - started)
+        last = arrivals[0][0]
+        for at, count in arrivals[1:]:
+            self.gaps.append(at - last)
+            self.gaps.extend([0.0] * (count - 1))
+            last = at
+        self.tokens += sum(count for _, count in arrivals)
+
+    def summary(self, elapsed: float, cpu_s: float | None) -> dict[str, float | None]:
+        ttft = np.asarray(self.ttft) * 1000.0
+        gaps = np.asarray(self.gaps or [0.0]) * 1000.0
+        return {
+            "tokens_per_s": self.tokens / elapsed,
+            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "itl_p50_ms": float(np.percentile(gaps, 50)), "itl_p99_ms": float(np.percentile(gaps, 99)),
+            "ingress_cpu_s_per_1k_tokens": None if cpu_s is None else cpu_s / self.tokens * 1000.0,
+        }
+
+
+def _token_events(block: str) -> int:
+    return sum(1 for event in block.split("\n\n") if event.startswith("data: {"))
+
+
+async def http_trial(
+    http: httpx.AsyncClient, port: int, app: str, prefix: str, streams: int, vllm: bool = False
+) -> dict:
+    meter = Meter()
+    processes = _ingress_processes(app)
+
+    async def one(i: int) -> None:
+        arrivals: list[tuple[float, int]] = []
+        started = time.perf_counter()
+        url = f"http://127.0.0.1:{port}/{prefix}/v1/completions"
+        payload = {**body(i, True, TOKENS), "ignore_eos": True} if vllm else body(i, True, TOKENS)
+        async with http.stream("POST", url, json=payload) as response:
+            async for block in response.aiter_text():
+                count = _token_events(block)
+                if count:
+                    arrivals.append((time.perf_counter(), count))
+        meter.stream(started, arrivals)
+
+    cpu_before = _cpu_seconds(processes)
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    elapsed = time.perf_counter() - started
+    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before)
+
+
+async def direct_trial(streams: int, app: str = "baseline", request: Any = None) -> dict:
+    handle = serve.get_deployment_handle("stable", app_name=app).options(stream=True)
+    meter = Meter()
+
+    async def one(i: int) -> None:
+        arrivals: list[tuple[float, int]] = []
+        started = time.perf_counter()
+        async for batch in handle.completions.remote(request or _arm_request(body(i, True, TOKENS))):
+            count = sum(1 for item in batch if item.startswith("data: {"))
+            if count:
+                arrivals.append((time.perf_counter(), count))
+        meter.stream(started, arrivals)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    return meter.summary(time.perf_counter() - started, None)
+
+
+def _median(trials: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in trials[0].items():
+        values = [t[key] for t in trials if t[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    out["tokens_per_s_trials"] = [round(t["tokens_per_s"]) for t in trials]
+    return out
+
+
+async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals: tuple[float, ...]) -> dict:
+    results: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
+        for interval in intervals:
+            engine = {"ttft_ms": 0, "itl_ms": ITL_MS, "jitter": 0, "output_tokens": TOKENS, "stream_batching_interval_ms": interval}
+            await asyncio.to_thread(deploy, port, engine, 1)
+            await http_trial(http, port, "baseline", "baseline", 8)  # warm-up
+            await http_trial(http, port, "canary", "canary", 8)
+            label = "batching_off" if interval == 0 else f"batching_{interval:g}ms"
+            for streams in concurrencies:
+                runs: dict[str, list[dict]] = {"direct": [], "baseline": [], "serve-canary": []}
+                for _ in range(trials):
+                    runs["direct"].append(await direct_trial(streams))
+                    runs["baseline"].append(await http_trial(http, port, "baseline", "baseline", streams))
+                    runs["serve-canary"].append(await http_trial(http, port, "canary", "canary", streams))
+                paths = {name: _median(r) for name, r in runs.items()}
+                ratio = paths["serve-canary"]["tokens_per_s"] / paths["direct"]["tokens_per_s"]
+                results.setdefault(label, {})[f"s{streams}"] = {"paths": paths, "canary_over_direct_tokens_per_s": ratio}
+                print(f"{label} {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
+                      f"ratio {ratio:.2f}", flush=True)
+    return results
+
+
+async def run_vllm(port: int, concurrencies: tuple[int, ...], trials: int) -> dict:
+    """Direct `LLMServer` handle vs serve-canary over HTTP, on real (tiny) vLLM engines."""
+    from ray.serve.llm.openai_api_models import CompletionRequest as VLLMCompletionRequest
+
+    from benchmarks.tiny_models import make_models
+    from serve_canary.app import build_app
+
+    stable, canary = make_models(Path.home() / ".cache" / "serve-canary" / "tiny-models")
+
+    def arm(model_id: str, path: Path) -> dict:
+        return {"llm_config": {
+            "model_loading_config": {"model_id": model_id, "model_source": str(path)},
+            "accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 0.5}]},
+            "engine_kwargs": {"max_model_len": 2048, "dtype": "float32"},
+            "deployment_config": {"ray_actor_options": {"num_cpus": 0}, "health_check_timeout_s": 60},
+            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
+        }}
+
+    args = {
+        "model_name": MODEL, "stable": arm("tiny-llama-a", stable), "canary": arm("tiny-llama-b", canary),
+        # All traffic on stable, so both paths reach the same engine.
+        "rollout": {"interval_s": 3600, "phases": [{"name": "off", "weight": 1e-9}, {"name": "full", "weight": 1.0}]},
+    }
+    started = time.perf_counter()
+    serve.run(build_app(args), name="vllm", route_prefix="/vllm")
+    results: dict[str, Any] = {"engines_ready_s": time.perf_counter() - started}
+    request = VLLMCompletionRequest(model="tiny-llama-a", prompt="the canary", max_tokens=TOKENS, ignore_eos=True,
+                                    stream=True, stream_options={"include_usage": True})
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
+        await direct_trial(4, "vllm", request)
+        for streams in concurrencies:
+            runs: dict[str, list[dict]] = {"direct": [], "serve-canary": []}
+            for _ in range(trials):
+                runs["direct"].append(await direct_trial(streams, "vllm", request))
+                runs["serve-canary"].append(await http_trial(http, port, "vllm", "vllm", streams, vllm=True))
+            paths = {name: _median(r) for name, r in runs.items()}
+            ratio = paths["serve-canary"]["tokens_per_s"] / paths["direct"]["tokens_per_s"]
+            results[f"s{streams}"] = {"paths": paths, "canary_over_direct_tokens_per_s": ratio}
+            print(f"vllm {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
+                  f"ratio {ratio:.2f}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, namespace="serve_canary")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    trials = 1 if args.quick else args.trials
+    try:
+        if args.vllm:
+            results = asyncio.run(run_vllm(port, (4,) if args.quick else (8, 32), trials))
+        else:
+            results = asyncio.run(run(port, (8,) if args.quick else (64, 256), trials, (0.0, DEFAULT_INTERVAL_MS)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results["setup"] = {"itl_ms": ITL_MS, "tokens": TOKENS, "model": MODEL, "trials": trials}
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
+    name = "streaming" + ("_vllm" if args.vllm else "") + ("_quick" if args.quick else "")
+    results["command"] = f"python -m benchmarks.streaming{' --vllm' if args.vllm else ''}{' --quick' if args.quick else ''}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
