@@ -146,6 +146,10 @@ class CanaryIngress:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             self._flush()
 
+    def _record(self, record: RequestRecord) -> None:
+        # Not `self._records.append`: a stream ends after flushes have swapped the list.
+        self._records.append(record)
+
     def _flush(self) -> None:
         if self._records:
             batch, self._records = self._records, []
@@ -169,7 +173,7 @@ class CanaryIngress:
             )
         served = await serve_request(
             kind, body, self._routing_key(headers, body.get("user") if isinstance(body, dict) else None),
-            self._table, self._arms, self._records.append, request_id=uuid.uuid4().hex,
+            self._table, self._arms, self._record, request_id=uuid.uuid4().hex,
             failover=self._config.failover,
         )
         if served.body is not None:

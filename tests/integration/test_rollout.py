@@ -129,7 +129,7 @@ def test_feedback_is_attributed_to_the_serving_arm(deploy):
         served[body["id"]] = body["serve_canary"]["arm"]
     for request_id, arm in served.items():
         response = app.http.post("/-/canary/feedback", json={"request_id": request_id, "rating": 1.0, "hallucination": arm == "canary"})
-        assert response.status_code == 200 and response.json()["arm"] == arm
+        assert response.status_code == 200 and response.json()["arm"] == arm, (request_id, arm, response.text)
     assert app.http.post("/-/canary/feedback", json={"request_id": "nope", "rating": 1}).status_code == 404
     assert app.http.post("/-/canary/feedback", json={"rating": 1}).status_code == 400
     window = app.window(serving_window)
