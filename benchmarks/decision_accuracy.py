@@ -74,7 +74,9 @@ def make_judges() -> list:
     ]
 
 
-def _add_interval(aggregate: ArmAggregate, rng: np.random.Generator, n: int, scenario: Scenario, arm_is_canary: bool) -> None:
+def _add_interval(
+    aggregate: ArmAggregate, rng: np.random.Generator, n: int, scenario: Scenario, arm_is_canary: bool
+) -> None:
     error_rate = scenario.error if arm_is_canary else BASE["error"]
     scale = scenario.latency_scale if arm_is_canary else 1.0
     sigma = scenario.sigma if arm_is_canary else BASE["sigma"]
@@ -118,12 +120,17 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
             window, stable, canary = state.window, ArmAggregate(), ArmAggregate()
         n_canary = int(rng.binomial(REQUESTS_PER_INTERVAL, state.weight))
         last_stable, last_canary = ArmAggregate(), ArmAggregate()
-        for aggregate_pair, n, is_canary in (((stable, last_stable), REQUESTS_PER_INTERVAL - n_canary, False), ((canary, last_canary), n_canary, True)):
+        for aggregate_pair, n, is_canary in (
+            ((stable, last_stable), REQUESTS_PER_INTERVAL - n_canary, False),
+            ((canary, last_canary), n_canary, True),
+        ):
             for aggregate in aggregate_pair:
                 _add_interval(aggregate, np.random.default_rng((seed, interval, is_canary)), n, scenario, is_canary)
         served += REQUESTS_PER_INTERVAL
         served_canary += n_canary
-        decision = judge.decide(stable, canary, last_stable, last_canary, PHASES[state.phase_index].min_requests, earlier)
+        decision = judge.decide(
+            stable, canary, last_stable, last_canary, PHASES[state.phase_index].min_requests, earlier
+        )
         verdict = Verdict(decision, decision, (), stable.requests, canary.requests)
         state = rollout.evaluate(state, verdict, PHASES, float(interval), auto_rollback=True)
         if state.status == "rolled_back":
@@ -141,8 +148,12 @@ def _run_cell(args: tuple[int, int, int]) -> dict:
     rolled_canary = [canary for outcome, _, canary in outcomes if outcome == "rolled_back"]
     promoted = [served for outcome, served, _ in outcomes if outcome == "promoted"]
     return {
-        "judge": judge.name, "scenario": scenario.name, "regression": scenario.regression, "rollouts": rollouts,
-        "rollback_rate": len(rolled) / rollouts, "promotion_rate": len(promoted) / rollouts,
+        "judge": judge.name,
+        "scenario": scenario.name,
+        "regression": scenario.regression,
+        "rollouts": rollouts,
+        "rollback_rate": len(rolled) / rollouts,
+        "promotion_rate": len(promoted) / rollouts,
         "undecided_rate": 1.0 - (len(rolled) + len(promoted)) / rollouts,
         "median_requests_to_rollback": float(np.median(rolled)) if rolled else None,
         "median_canary_requests_to_rollback": float(np.median(rolled_canary)) if rolled_canary else None,
@@ -153,8 +164,13 @@ def _run_cell(args: tuple[int, int, int]) -> dict:
 def table(cells: list[dict]) -> str:
     judges = list(dict.fromkeys(c["judge"] for c in cells))
     lines = [
-        "| judge | A/A false rollbacks | A/A promoted (median requests) | " + " | ".join(
-            f"{s.name}: detected (median requests, canary requests) / wrongly promoted" for s in SCENARIOS if s.regression) + " |",
+        "| judge | A/A false rollbacks | A/A promoted (median requests) | "
+        + " | ".join(
+            f"{s.name}: detected (median requests, canary requests) / wrongly promoted"
+            for s in SCENARIOS
+            if s.regression
+        )
+        + " |",
         "|---" * (3 + sum(s.regression for s in SCENARIOS)) + "|",
     ]
     for name in judges:
@@ -167,7 +183,8 @@ def table(cells: list[dict]) -> str:
                 c = row[s.name]
                 median = (
                     f"{c['median_requests_to_rollback']:,.0f}, {c['median_canary_requests_to_rollback']:,.0f}"
-                    if c["median_requests_to_rollback"] else "—"
+                    if c["median_requests_to_rollback"]
+                    else "—"
                 )
                 cols.append(f"{c['rollback_rate']:.1%} ({median}) / {c['promotion_rate']:.1%}")
         lines.append(f"| {name} | {aa['rollback_rate']:.1%} | {promo} | " + " | ".join(cols) + " |")
@@ -201,7 +218,9 @@ def chart(cells: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="20 rollouts per cell: checks the harness, not the figures")
+    parser.add_argument(
+        "--quick", action="store_true", help="20 rollouts per cell: checks the harness, not the figures"
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     rollouts = 20 if args.quick else args.rollouts
@@ -212,8 +231,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     meta = {
-        "requests_per_interval": REQUESTS_PER_INTERVAL, "horizon_intervals": HORIZON, "reservoir": RESERVOIR_SIZE,
-        "phases": [p.model_dump() for p in PHASES], "base": BASE, "seconds": round(time.time() - started, 1),
+        "requests_per_interval": REQUESTS_PER_INTERVAL,
+        "horizon_intervals": HORIZON,
+        "reservoir": RESERVOIR_SIZE,
+        "phases": [p.model_dump() for p in PHASES],
+        "base": BASE,
+        "seconds": round(time.time() - started, 1),
     }
     (RESULTS / f"decision_accuracy{suffix}.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=2))
     chart(cells, RESULTS / f"decision_accuracy{suffix}.png")

@@ -37,7 +37,15 @@ class ServeCanaryJudge:
     def reset(self) -> None:
         """Stateless: every verdict is a function of the attempt's windows."""
 
-    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, min_requests: int, earlier: list) -> str:
+    def decide(
+        self,
+        stable: ArmAggregate,
+        canary: ArmAggregate,
+        _ls: ArmAggregate,
+        _lc: ArmAggregate,
+        min_requests: int,
+        earlier: list,
+    ) -> str:
         return judge(stable, canary, self.health, min_requests, self.health.alpha, earlier).decision
 
 
@@ -47,7 +55,15 @@ class SeedJudge:
     def reset(self) -> None:
         """Stateless."""
 
-    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, _min: int, _earlier: list) -> str:
+    def decide(
+        self,
+        stable: ArmAggregate,
+        canary: ArmAggregate,
+        _ls: ArmAggregate,
+        _lc: ArmAggregate,
+        _min: int,
+        _earlier: list,
+    ) -> str:
         if canary.requests == 0:
             return "pass"  # as written: no traffic is healthy
         canary_err = canary.errors / canary.requests
@@ -55,8 +71,10 @@ class SeedJudge:
         canary_lat = float(np.mean(canary.e2e_s.values)) * 1000.0 if canary.e2e_s.values else 0.0
         stable_lat = float(np.mean(stable.e2e_s.values)) * 1000.0 if stable.e2e_s.values else 0.0
         healthy = (
-            canary_err <= 0.01 and canary_lat <= 2000.0
-            and canary_err <= 1.5 * stable_err and canary_lat <= 1.5 * stable_lat
+            canary_err <= 0.01
+            and canary_lat <= 2000.0
+            and canary_err <= 1.5 * stable_err
+            and canary_lat <= 1.5 * stable_lat
         )
         return "pass" if healthy else "fail"
 
@@ -70,7 +88,15 @@ class FlaggerJudge:
     def reset(self) -> None:
         self.failed = 0
 
-    def decide(self, _s: ArmAggregate, _c: ArmAggregate, _ls: ArmAggregate, last_canary: ArmAggregate, _min: int, _earlier: list) -> str:
+    def decide(
+        self,
+        _s: ArmAggregate,
+        _c: ArmAggregate,
+        _ls: ArmAggregate,
+        last_canary: ArmAggregate,
+        _min: int,
+        _earlier: list,
+    ) -> str:
         if last_canary.requests == 0:
             return "wait"
         success = 1.0 - last_canary.errors / last_canary.requests
@@ -136,7 +162,15 @@ class KayentaJudge:
         significant = shift.low > 0.0
         return significant and float(np.mean(c)) > self.allowed_increase * float(np.mean(s))
 
-    def decide(self, stable: ArmAggregate, canary: ArmAggregate, _ls: ArmAggregate, _lc: ArmAggregate, min_requests: int, _earlier: list) -> str:
+    def decide(
+        self,
+        stable: ArmAggregate,
+        canary: ArmAggregate,
+        _ls: ArmAggregate,
+        _lc: ArmAggregate,
+        min_requests: int,
+        _earlier: list,
+    ) -> str:
         if min(stable.requests, canary.requests) < min_requests:
             return "wait"
         stable_rate, canary_rate = stable.errors / stable.requests, canary.errors / canary.requests

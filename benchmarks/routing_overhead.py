@@ -14,7 +14,6 @@ proxy); 64 concurrent SSE streams of 128 tokens; the router decision in µs; and
 Writes benchmarks/results/routing_overhead{,_quick}.{json,png} and prints a table.
 """
 
-
 import argparse
 import asyncio
 import hashlib
@@ -72,6 +71,12 @@ class PassThroughIngress:
         [response] = [item async for item in self._arm(request.user).completions.remote(request)]
         return response.model_dump()
 
+    async def stream_completions(self, body: dict):
+        """The streaming handle call: one SSE block per batch, as serve-canary's handle API."""
+        request = _arm_request(body)
+        async for batch in self._arm(request.user).completions.remote(request):
+            yield "".join(batch)
+
     @passthrough_api.post("/v1/completions")
     async def http_completions(self, request: Request):
         from fastapi.responses import StreamingResponse
@@ -91,7 +96,9 @@ class PassThroughIngress:
 def passthrough_app(args: dict) -> Any:
     engine = args["engine_args"]
     arm = serve.deployment(SimulatedServer, **SIMULATED_DEPLOYMENT_OPTIONS)
-    return PassThroughIngress.bind(arm.options(name="stable").bind("v1", engine), arm.options(name="canary").bind("v2", engine))
+    return PassThroughIngress.bind(
+        arm.options(name="stable").bind("v1", engine), arm.options(name="canary").bind("v2", engine)
+    )
 
 
 def free_port() -> int:
@@ -101,7 +108,10 @@ def free_port() -> int:
 
 
 def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
-    common = [{"name": "stable", "ray_actor_options": {"num_cpus": 0}}, {"name": "canary", "ray_actor_options": {"num_cpus": 0}}]
+    common = [
+        {"name": "stable", "ray_actor_options": {"num_cpus": 0}},
+        {"name": "canary", "ray_actor_options": {"num_cpus": 0}},
+    ]
     canary_args = {
         "model_name": MODEL,
         "stable": {"version": "v1", "engine": "simulated", "engine_args": engine_args},
@@ -109,23 +119,44 @@ def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
         # A fixed 50 % split with no automation in the way, so both arms serve like the baseline.
         "rollout": {"interval_s": 3600, "phases": [{"name": "half", "weight": 0.5}, {"name": "full", "weight": 1.0}]},
     }
-    config = ServeDeploySchema.model_validate({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {"name": "baseline", "route_prefix": "/baseline", "import_path": "benchmarks.routing_overhead:passthrough_app",
-             "args": {"engine_args": engine_args}, "deployments": [{"name": "PassThroughIngress", "num_replicas": ingress_replicas}, *common]},
-            {"name": "canary", "route_prefix": "/canary", "import_path": "serve_canary.app:build_app", "args": canary_args,
-             "deployments": [{"name": "CanaryIngress", "num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}, *common]},
-        ],
-    })
+    config = ServeDeploySchema.model_validate(
+        {
+            "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [
+                {
+                    "name": "baseline",
+                    "route_prefix": "/baseline",
+                    "import_path": "benchmarks.routing_overhead:passthrough_app",
+                    "args": {"engine_args": engine_args},
+                    "deployments": [{"name": "PassThroughIngress", "num_replicas": ingress_replicas}, *common],
+                },
+                {
+                    "name": "canary",
+                    "route_prefix": "/canary",
+                    "import_path": "serve_canary.app:build_app",
+                    "args": canary_args,
+                    "deployments": [
+                        {
+                            "name": "CanaryIngress",
+                            "num_replicas": ingress_replicas,
+                            "ray_actor_options": {"num_cpus": 0},
+                        },
+                        *common,
+                    ],
+                },
+            ],
+        }
+    )
     _get_global_client().deploy_apps(config, _blocking=True)
 
 
 def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
     ordered = np.sort(np.asarray(latencies)) * 1000.0
     return {
-        "requests": len(latencies), "throughput_rps": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(ordered, 50)), "p99_ms": float(np.percentile(ordered, 99)),
+        "requests": len(latencies),
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ordered, 50)),
+        "p99_ms": float(np.percentile(ordered, 99)),
     }
 
 
@@ -145,7 +176,13 @@ async def _load(call, concurrency: int, total: int) -> dict[str, float]:
 
 
 def body(i: int, stream: bool = False, max_tokens: int = 16) -> dict:
-    return {"model": MODEL, "prompt": "benchmark prompt", "max_tokens": max_tokens, "user": f"user-{i}", "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": "benchmark prompt",
+        "max_tokens": max_tokens,
+        "user": f"user-{i}",
+        "stream": stream,
+    }
 
 
 async def unary_trials(http: httpx.AsyncClient, port: int, concurrency: int, total: int) -> dict[str, dict]:
@@ -160,9 +197,11 @@ async def unary_trials(http: httpx.AsyncClient, port: int, concurrency: int, tot
     for name, handle in handles.items():
         calls[f"handle/{name}"] = lambda i, h=handle: h.completions.remote(body(i))
     for name, prefix in (("baseline", "baseline"), ("serve-canary", "canary")):
+
         async def http_call(i: int, prefix: str = prefix) -> None:
             response = await http.post(f"http://127.0.0.1:{port}/{prefix}/v1/completions", json=body(i))
             response.raise_for_status()
+
         calls[f"http/{name}"] = http_call
     results = {}
     for name, call in calls.items():
@@ -178,7 +217,9 @@ async def stream_trial(http: httpx.AsyncClient, port: int, prefix: str, streams:
     async def one(i: int) -> None:
         nonlocal received
         last = None
-        async with http.stream("POST", f"http://127.0.0.1:{port}/{prefix}/v1/completions", json=body(i, True, tokens)) as response:
+        async with http.stream(
+            "POST", f"http://127.0.0.1:{port}/{prefix}/v1/completions", json=body(i, True, tokens)
+        ) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     now = time.perf_counter()
@@ -191,12 +232,25 @@ async def stream_trial(http: httpx.AsyncClient, port: int, prefix: str, streams:
     await asyncio.gather(*(one(i) for i in range(streams)))
     elapsed = time.perf_counter() - started
     ordered = np.sort(np.asarray(gaps)) * 1000.0
-    return {"tokens_per_s": received / elapsed, "itl_p50_ms": float(np.percentile(ordered, 50)), "itl_p99_ms": float(np.percentile(ordered, 99))}
+    return {
+        "tokens_per_s": received / elapsed,
+        "itl_p50_ms": float(np.percentile(ordered, 50)),
+        "itl_p99_ms": float(np.percentile(ordered, 99)),
+    }
 
 
 def router_decision_us() -> dict[str, float]:
-    table = RoutingTable(version=1, rollout_id="r", window="w", salt="rollout-salt", canary_weight=0.2,
-                         stable_version="v1", canary_version="v2", phase="p", status="running")
+    table = RoutingTable(
+        version=1,
+        rollout_id="r",
+        window="w",
+        salt="rollout-salt",
+        canary_weight=0.2,
+        stable_version="v1",
+        canary_version="v2",
+        phase="p",
+        status="running",
+    )
     keys = [f"user-{i}" for i in range(1000)]
     runs = timeit.repeat(lambda: [table.arm_for(k) for k in keys], number=100, repeat=5)
     return {"arm_for_us": min(runs) / (100 * len(keys)) * 1e6}
@@ -209,7 +263,7 @@ async def propagation(changes: int) -> dict[str, float]:
     client = ControllerClient.for_app("canary")
     delays = []
     weight = 0.5
-    for i in range(changes):
+    for _ in range(changes):
         weight = 0.3 if weight == 0.5 else 0.5
         started = time.perf_counter()
         version = (await client.set_weight(weight))["table_version"]
@@ -220,7 +274,12 @@ async def propagation(changes: int) -> dict[str, float]:
                 seen[status["replica"]["id"]] = status["replica"]["table_version"]
         delays.append(time.perf_counter() - started)
     ordered = np.sort(np.asarray(delays)) * 1000.0
-    return {"changes": changes, "p50_ms": float(np.percentile(ordered, 50)), "p99_ms": float(np.percentile(ordered, 99)), "max_ms": float(ordered[-1])}
+    return {
+        "changes": changes,
+        "p50_ms": float(np.percentile(ordered, 50)),
+        "p99_ms": float(np.percentile(ordered, 99)),
+        "max_ms": float(ordered[-1]),
+    }
 
 
 def ratios(unary: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -255,19 +314,24 @@ async def run(args: argparse.Namespace, port: int) -> dict:
         for level in levels:
             runs = [await unary_trials(http, port, level, per_level[level]) for _ in range(trials)]
             unary = _median_of(runs)
-            results["unary"][f"c{level}"] = {"paths": unary, "ratios": ratios(unary)}
+            spread = [ratios(trial) for trial in runs]  # each trial's own ratios: the spread of the median
+            results["unary"][f"c{level}"] = {"paths": unary, "ratios": ratios(unary), "trial_ratios": spread}
             print(f"concurrency {level}: {json.dumps(results['unary'][f'c{level}']['ratios'])}", flush=True)
         streams, tokens = (64, 128) if not args.quick else (8, 16)
         await asyncio.to_thread(deploy, port, {**ZERO, "itl_ms": STREAM_ITL_MS, "output_tokens": tokens}, 2)
         await stream_trial(http, port, "baseline", 8, 8)  # warm-up
         await stream_trial(http, port, "canary", 8, 8)
         stream_runs = [
-            {"baseline": await stream_trial(http, port, "baseline", streams, tokens),
-             "serve-canary": await stream_trial(http, port, "canary", streams, tokens)}
+            {
+                "baseline": await stream_trial(http, port, "baseline", streams, tokens),
+                "serve-canary": await stream_trial(http, port, "canary", streams, tokens),
+            }
             for _ in range(trials)
         ]
         streaming = _median_of(stream_runs)
-        streaming["ratio_tokens_per_s"] = streaming["serve-canary"]["tokens_per_s"] / streaming["baseline"]["tokens_per_s"]
+        streaming["ratio_tokens_per_s"] = (
+            streaming["serve-canary"]["tokens_per_s"] / streaming["baseline"]["tokens_per_s"]
+        )
         results["streaming"] = {"streams": streams, "tokens": tokens, **streaming}
     results["propagation"] = await propagation(5 if args.quick else 50)
     return results
@@ -303,8 +367,17 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The local cluster's workers inherit this, so Serve can import the baseline app from here.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, namespace="serve_canary")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        namespace="serve_canary",
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -313,7 +386,12 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__, "platform": platform.platform()}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+    }
     results["command"] = "python benchmarks/routing_overhead.py" + (" --quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""

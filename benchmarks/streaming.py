@@ -1,13 +1,16 @@
 """Tokens at engine speed? Streaming through three paths, batching off and on, one run:
 
   direct        handle → the simulated model deployment (no ingress, no HTTP)
-  baseline      a bare pass-through ingress over HTTP (benchmarks.routing_overhead)
-  serve-canary  the real CanaryIngress over HTTP
+  baseline      a bare pass-through ingress (benchmarks.routing_overhead)
+  serve-canary  the real CanaryIngress
 
-N concurrent streams of 256 tokens at a 10 ms inter-token gap (offered: N × 100 tokens/s),
-each with the model servers' `stream_batching_interval_ms` at 0 (one message per token) and
-at the default. Per path: tokens/s, client-side time to first token and gap between tokens
-(p50/p99), and the ingress replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
+`handle/…` calls an ingress through its Python handle (the ingress's own cost); `http/…` adds
+Serve's HTTP proxy and an HTTP client on the same 2 cores. N concurrent streams of 256 tokens
+at a 10 ms inter-token gap (offered: N × 100 tokens/s), each with the model servers'
+`stream_batching_interval_ms` at 0 (one message per token) and at the default (`--intervals`
+compares others, e.g. `0,20,50`; 50 ms is Ray Serve LLM's default). Per path: tokens/s,
+client-side time to first token and gap between tokens (p50/p99), and the ingress
+replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
 
     python -m benchmarks.streaming           # 64 and 256 streams, 3 trials (~10 min on 2 cores)
     python -m benchmarks.streaming --vllm    # real engines: tiny vLLM models, 8 and 32 streams
@@ -46,7 +49,8 @@ def _ingress_processes(app: str) -> list[psutil.Process]:
     title = f"ServeReplica:{app}:"
     ingress = ("PassThroughIngress", "CanaryIngress")
     return [
-        p for p in psutil.process_iter(["cmdline"])
+        p
+        for p in psutil.process_iter(["cmdline"])
         if any(f"{title}{name}" in " ".join(p.info["cmdline"] or ()) for name in ingress)
     ]
 
@@ -80,8 +84,10 @@ class Meter:
         gaps = np.asarray(self.gaps or [0.0]) * 1000.0
         return {
             "tokens_per_s": self.tokens / elapsed,
-            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
-            "itl_p50_ms": float(np.percentile(gaps, 50)), "itl_p99_ms": float(np.percentile(gaps, 99)),
+            "ttft_p50_ms": float(np.percentile(ttft, 50)),
+            "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "itl_p50_ms": float(np.percentile(gaps, 50)),
+            "itl_p99_ms": float(np.percentile(gaps, 99)),
             "ingress_cpu_s_per_1k_tokens": None if cpu_s is None else cpu_s / self.tokens * 1000.0,
         }
 
@@ -115,6 +121,28 @@ async def http_trial(
     return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before)
 
 
+async def handle_trial(app: str, method: str, streams: int) -> dict:
+    """Through an ingress by its Python handle (no proxy, no HTTP client): the ingress's own cost."""
+    handle = getattr(serve.get_app_handle(app).options(stream=True), method)
+    meter = Meter()
+    processes = _ingress_processes(app)
+
+    async def one(i: int) -> None:
+        arrivals: list[tuple[float, int]] = []
+        started = time.perf_counter()
+        async for block in handle.remote(body(i, True, TOKENS)):
+            count = _token_events(block)
+            if count:
+                arrivals.append((time.perf_counter(), count))
+        meter.stream(started, arrivals)
+
+    cpu_before = _cpu_seconds(processes)
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    elapsed = time.perf_counter() - started
+    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before)
+
+
 async def direct_trial(streams: int, app: str = "baseline", request: Any = None) -> dict:
     handle = serve.get_deployment_handle("stable", app_name=app).options(stream=True)
     meter = Meter()
@@ -135,7 +163,7 @@ async def direct_trial(streams: int, app: str = "baseline", request: Any = None)
 
 def _median(trials: list[dict]) -> dict:
     out: dict[str, Any] = {}
-    for key, value in trials[0].items():
+    for key in trials[0]:
         values = [t[key] for t in trials if t[key] is not None]
         out[key] = statistics.median(values) if values else None
     out["tokens_per_s_trials"] = [round(t["tokens_per_s"]) for t in trials]
@@ -147,23 +175,56 @@ async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
         for interval in intervals:
-            engine = {"ttft_ms": 0, "itl_ms": ITL_MS, "jitter": 0, "output_tokens": TOKENS, "stream_batching_interval_ms": interval}
+            engine = {
+                "ttft_ms": 0,
+                "itl_ms": ITL_MS,
+                "jitter": 0,
+                "output_tokens": TOKENS,
+                "stream_batching_interval_ms": interval,
+            }
             await asyncio.to_thread(deploy, port, engine, 1)
             await http_trial(http, port, "baseline", "baseline", 8)  # warm-up
             await http_trial(http, port, "canary", "canary", 8)
             label = "batching_off" if interval == 0 else f"batching_{interval:g}ms"
             for streams in concurrencies:
-                runs: dict[str, list[dict]] = {"direct": [], "baseline": [], "serve-canary": []}
+                names = ("direct", "handle/baseline", "handle/serve-canary", "http/baseline", "http/serve-canary")
+                runs: dict[str, list[dict]] = {name: [] for name in names}
                 for _ in range(trials):
                     runs["direct"].append(await direct_trial(streams))
-                    runs["baseline"].append(await http_trial(http, port, "baseline", "baseline", streams))
-                    runs["serve-canary"].append(await http_trial(http, port, "canary", "canary", streams))
+                    runs["handle/baseline"].append(await handle_trial("baseline", "stream_completions", streams))
+                    runs["handle/serve-canary"].append(await handle_trial("canary", "completions", streams))
+                    runs["http/baseline"].append(await http_trial(http, port, "baseline", "baseline", streams))
+                    runs["http/serve-canary"].append(await http_trial(http, port, "canary", "canary", streams))
                 paths = {name: _median(r) for name, r in runs.items()}
-                ratio = paths["serve-canary"]["tokens_per_s"] / paths["direct"]["tokens_per_s"]
-                results.setdefault(label, {})[f"s{streams}"] = {"paths": paths, "canary_over_direct_tokens_per_s": ratio}
-                print(f"{label} {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
-                      f"ratio {ratio:.2f}", flush=True)
+                direct = paths["direct"]["tokens_per_s"]
+                ratios = {
+                    f"{protocol}_canary_over_direct": paths[f"{protocol}/serve-canary"]["tokens_per_s"] / direct
+                    for protocol in ("handle", "http")
+                }
+                results.setdefault(label, {})[f"s{streams}"] = {"paths": paths, **ratios}
+                rates = {k: round(v["tokens_per_s"]) for k, v in paths.items()}
+                print(f"{label} {streams} streams: {json.dumps(rates)} {json.dumps(ratios)}", flush=True)
     return results
+
+
+async def unary_chat_latency(http: httpx.AsyncClient, port: int, requests: int) -> dict[str, float]:
+    """One chat at a time (8 tokens), direct to `LLMServer` and through serve-canary over HTTP."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    handle = serve.get_deployment_handle("stable", app_name="vllm").options(stream=True)
+    messages = [{"role": "user", "content": "hello canary"}]
+    direct_ms, canary_ms = [], []
+    for i in range(requests):
+        started = time.perf_counter()
+        request = ChatCompletionRequest(model="tiny-llama-a", messages=messages, max_tokens=8)
+        [item async for item in handle.chat.remote(request)]
+        direct_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        body = {"model": MODEL, "messages": messages, "max_tokens": 8, "user": f"user-{i}"}
+        (await http.post(f"http://127.0.0.1:{port}/vllm/v1/chat/completions", json=body)).raise_for_status()
+        canary_ms.append((time.perf_counter() - started) * 1000)
+    direct_p50, canary_p50 = statistics.median(direct_ms), statistics.median(canary_ms)
+    return {"direct_p50_ms": direct_p50, "serve_canary_http_p50_ms": canary_p50, "ratio": canary_p50 / direct_p50}
 
 
 async def run_vllm(port: int, concurrencies: tuple[int, ...], trials: int) -> dict:
@@ -176,27 +237,40 @@ async def run_vllm(port: int, concurrencies: tuple[int, ...], trials: int) -> di
     stable, canary = make_models(Path.home() / ".cache" / "serve-canary" / "tiny-models")
 
     def arm(model_id: str, path: Path) -> dict:
-        return {"llm_config": {
-            "model_loading_config": {"model_id": model_id, "model_source": str(path)},
-            "accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 0.5}]},
-            "engine_kwargs": {"max_model_len": 2048, "dtype": "float32"},
-            "deployment_config": {"ray_actor_options": {"num_cpus": 0}, "health_check_timeout_s": 60},
-            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
-        }}
+        return {
+            "llm_config": {
+                "model_loading_config": {"model_id": model_id, "model_source": str(path)},
+                "accelerator_config": {"kind": "cpu"},
+                "placement_group_config": {"bundles": [{"CPU": 0.5}]},
+                "engine_kwargs": {"max_model_len": 2048, "dtype": "float32"},
+                "deployment_config": {"ray_actor_options": {"num_cpus": 0}, "health_check_timeout_s": 60},
+                "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
+            }
+        }
 
     args = {
-        "model_name": MODEL, "stable": arm("tiny-llama-a", stable), "canary": arm("tiny-llama-b", canary),
+        "model_name": MODEL,
+        "stable": arm("tiny-llama-a", stable),
+        "canary": arm("tiny-llama-b", canary),
         # All traffic on stable, so both paths reach the same engine.
         "rollout": {"interval_s": 3600, "phases": [{"name": "off", "weight": 1e-9}, {"name": "full", "weight": 1.0}]},
     }
     started = time.perf_counter()
     serve.run(build_app(args), name="vllm", route_prefix="/vllm")
     results: dict[str, Any] = {"engines_ready_s": time.perf_counter() - started}
-    request = VLLMCompletionRequest(model="tiny-llama-a", prompt="the canary", max_tokens=TOKENS, ignore_eos=True,
-                                    stream=True, stream_options={"include_usage": True})
+    request = VLLMCompletionRequest(
+        model="tiny-llama-a",
+        prompt="the canary",
+        max_tokens=TOKENS,
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
         await direct_trial(4, "vllm", request)
+        results["unary_chat"] = await unary_chat_latency(http, port, 5 if len(concurrencies) == 1 else 100)
+        print(f"vllm unary chat: {json.dumps(results['unary_chat'])}", flush=True)
         for streams in concurrencies:
             runs: dict[str, list[dict]] = {"direct": [], "serve-canary": []}
             for _ in range(trials):
@@ -205,8 +279,11 @@ async def run_vllm(port: int, concurrencies: tuple[int, ...], trials: int) -> di
             paths = {name: _median(r) for name, r in runs.items()}
             ratio = paths["serve-canary"]["tokens_per_s"] / paths["direct"]["tokens_per_s"]
             results[f"s{streams}"] = {"paths": paths, "canary_over_direct_tokens_per_s": ratio}
-            print(f"vllm {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
-                  f"ratio {ratio:.2f}", flush=True)
+            print(
+                f"vllm {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
+                f"ratio {ratio:.2f}",
+                flush=True,
+            )
     return results
 
 
@@ -214,11 +291,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument(
+        "--intervals", default=f"0,{DEFAULT_INTERVAL_MS:g}", help="stream_batching_interval_ms values, comma-separated"
+    )
     parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, namespace="serve_canary")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        namespace="serve_canary",
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     trials = 1 if args.quick else args.trials
@@ -226,14 +315,17 @@ def main() -> None:
         if args.vllm:
             results = asyncio.run(run_vllm(port, (4,) if args.quick else (8, 32), trials))
         else:
-            results = asyncio.run(run(port, (8,) if args.quick else (64, 256), trials, (0.0, DEFAULT_INTERVAL_MS)))
+            intervals = tuple(float(ms) for ms in args.intervals.split(","))
+            results = asyncio.run(run(port, (8,) if args.quick else (64, 256), trials, intervals))
     finally:
         serve.shutdown()
         ray.shutdown()
     results["setup"] = {"itl_ms": ITL_MS, "tokens": TOKENS, "model": MODEL, "trials": trials}
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
     name = "streaming" + ("_vllm" if args.vllm else "") + ("_quick" if args.quick else "")
-    results["command"] = f"python -m benchmarks.streaming{' --vllm' if args.vllm else ''}{' --quick' if args.quick else ''}"
+    results["command"] = (
+        f"python -m benchmarks.streaming{' --vllm' if args.vllm else ''}{' --quick' if args.quick else ''}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {"serve_canary", "benchmarks", "tests", "scripts"}
@@ -61,7 +62,8 @@ def main() -> int:
         if not owners:
             missing.append(f"{module} (imported by {path.relative_to(ROOT)}) is not installed")
         elif not owners & allowed and not any(o.removesuffix("-cpu") in allowed for o in owners):
-            missing.append(f"{module} (imported by {path.relative_to(ROOT)}) comes from {sorted(owners)}, which no install step declares")
+            where = path.relative_to(ROOT)
+            missing.append(f"{module} (imported by {where}) comes from {sorted(owners)}: no install step declares it")
     for line in missing:
         print(f"undeclared import: {line}", file=sys.stderr)
     return 1 if missing else 0

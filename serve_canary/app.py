@@ -25,7 +25,7 @@ def _arm_deployment(name: str, arm: ArmConfig) -> Application:
 
             SimulatedEngineArgs.model_validate(arm.engine_args)
             deployment = serve.deployment(SimulatedServer, name=name, **SIMULATED_DEPLOYMENT_OPTIONS)
-            return deployment.bind(arm.model_id, arm.engine_args)
+            return deployment.bind(arm.model_id, arm.engine_args)  # type: ignore[attr-defined]
         from serve_canary.engines.llm import build_arm
 
         return build_arm(name, arm.llm_config)
@@ -37,7 +37,7 @@ def _arm_deployment(name: str, arm: ArmConfig) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the args, then bind the ingress to a stable and a canary model deployment."""
     config: CanaryConfig = parse_config(args)
-    return CanaryIngress.bind(
+    return CanaryIngress.bind(  # type: ignore[attr-defined]
         _arm_deployment("stable", config.stable),
         _arm_deployment("canary", config.canary),
         config.model_dump(mode="json"),

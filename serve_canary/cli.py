@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 from datetime import datetime
@@ -48,17 +49,22 @@ def status_view(status: dict[str, Any]) -> Group:
     phases = Text()
     for i, phase in enumerate(status["phases"]):
         label = f" {phase['name']} {phase['weight']:.0%}{' ✋' if phase['approval'] else ''} "
-        style = "bold white on blue" if i == status["phase_index"] else ("green" if i < status["phase_index"] else "dim")
+        style = (
+            "bold white on blue" if i == status["phase_index"] else ("green" if i < status["phase_index"] else "dim")
+        )
         phases.append(label, style=style)
         if i < len(status["phases"]) - 1:
             phases.append(" → ", style="dim")
     header = Text.assemble(
-        (f"{status['app']} ", "bold"), f"{status['stable_version']} → {status['canary_version']} ",
+        (f"{status['app']} ", "bold"),
+        f"{status['stable_version']} → {status['canary_version']} ",
         (f"(rollout {status['rollout_id']}, attempt {status['attempt']})", "dim"),
     )
     facts = Text.assemble(
-        "status ", (status["status"], "bold red" if status["status"] == "rolled_back" else "bold"),
-        "   canary weight ", (f"{status['canary_weight']:.0%}", "bold"),
+        "status ",
+        (status["status"], "bold red" if status["status"] == "rolled_back" else "bold"),
+        "   canary weight ",
+        (f"{status['canary_weight']:.0%}", "bold"),
         f"   time in phase {status['time_in_phase_s']:.0f} s",
     )
     parts: list[Any] = [header, phases, facts]
@@ -66,14 +72,20 @@ def status_view(status: dict[str, Any]) -> Group:
         parts.append(Text(f"waiting for: {status['waiting_for']}", style="yellow"))
     verdict = status.get("last_verdict")
     if verdict:
-        table = Table(title=f"verdict {verdict['decision'].upper()}: {verdict['reason']}", title_justify="left", expand=True)
+        table = Table(
+            title=f"verdict {verdict['decision'].upper()}: {verdict['reason']}", title_justify="left", expand=True
+        )
         for column in ("metric", "stable", "canary", "allowed", "e-value", "decision"):
             table.add_column(column)
         colours = {"pass": "green", "wait": "yellow", "fail": "bold red"}
         for check in verdict["checks"]:
             table.add_row(
-                check["metric"], _fmt(check["stable"]), _fmt(check["canary"]), _fmt(check["limit"]),
-                _fmt(check["stats"].get("e_value")), Text(check["decision"], style=colours[check["decision"]]),
+                check["metric"],
+                _fmt(check["stable"]),
+                _fmt(check["canary"]),
+                _fmt(check["limit"]),
+                _fmt(check["stats"].get("e_value")),
+                Text(check["decision"], style=colours[check["decision"]]),
             )
         parts.append(table)
     events = Table(title="recent events", title_justify="left", expand=True)
@@ -81,7 +93,9 @@ def status_view(status: dict[str, Any]) -> Group:
         events.add_column(column)
     for event in status["events"][-8:]:
         at = datetime.fromtimestamp(event["at"]).strftime("%H:%M:%S")
-        events.add_row(at, event["action"], event["to_status"], event["phase"], f"{event['weight']:.0%}", event["reason"])
+        events.add_row(
+            at, event["action"], event["to_status"], event["phase"], f"{event['weight']:.0%}", event["reason"]
+        )
     parts.append(events)
     return Group(*parts)
 
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_canary.controller import NAMESPACE
 
-    ray.init(address=args.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=args.address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
     signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own handler
     try:
         status = asyncio.run(_run(args))

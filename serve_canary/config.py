@@ -31,7 +31,9 @@ class ArmConfig(_Schema):
     @model_validator(mode="after")
     def _one_engine(self) -> ArmConfig:
         if (self.engine is None) == (self.llm_config is None):
-            raise ValueError("give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither")
+            raise ValueError(
+                "give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither"
+            )
         if self.llm_config is not None:
             if self.engine_args:
                 raise ValueError("engine_args are for the simulated engine; vLLM takes llm_config.engine_kwargs")
@@ -125,11 +127,16 @@ class HealthConfig(_Schema):
     max_itl_increase: float = Field(default=1.5, ge=1.0)
     max_hallucination_increase: float = Field(default=1.5, ge=1.0)
     alpha: float = Field(
-        default=0.01, gt=0.0, lt=1.0,
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
         description="false-rollback budget of a whole rollout, split across judged phases and metrics",
     )
     promotion_alpha: float = Field(
-        default=0.1, gt=0.0, lt=1.0, description="1 − confidence of the bounds that promotion needs",
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="1 − confidence of the bounds that promotion needs",
     )
 
 
@@ -155,9 +162,7 @@ class CanaryConfig(_Schema):
     @model_validator(mode="after")
     def _distinct_versions(self) -> CanaryConfig:
         if self.stable.served_version == self.canary.served_version:
-            raise ValueError(
-                f"stable and canary versions must differ, both are {self.stable.served_version!r}"
-            )
+            raise ValueError(f"stable and canary versions must differ, both are {self.stable.served_version!r}")
         return self
 
 

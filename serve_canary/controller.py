@@ -59,7 +59,7 @@ def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RolloutController:
-    async def __init__(self, app_name: str, config: dict[str, Any]) -> None:
+    async def __init__(self, app_name: str, config: dict[str, Any]) -> None:  # type: ignore[misc]
         self._app_name = app_name
         # start_actors registers the collector before this actor, and a detached handle
         # stays valid across the collector's restarts.
@@ -110,7 +110,11 @@ class RolloutController:
             previous = self._state
             if previous is None or previous.rollout_id != rollout_id:
                 state = rollout.start(
-                    rollout_id, self._config.stable.served_version, self._config.canary.served_version, phases, time.time()
+                    rollout_id,
+                    self._config.stable.served_version,
+                    self._config.canary.served_version,
+                    phases,
+                    time.time(),
                 )
                 if previous is not None:
                     state = state.model_copy(update={"table_version": previous.table_version + 1})
@@ -128,9 +132,14 @@ class RolloutController:
             except Exception:
                 logger.exception("evaluation failed; routing continues on the current table")
 
+    @property
+    def _current(self) -> RolloutState:
+        assert self._state is not None, "configure() runs before any other call"
+        return self._state
+
     async def evaluate(self) -> dict[str, Any]:
         """Judge the current window once and apply the verdict."""
-        state = self._state
+        state = self._current
         if state.status in ("rolled_back", "complete"):
             return self.status()
         windows = await self._collector.windows.remote(state.attempt_windows)
@@ -187,7 +196,7 @@ class RolloutController:
     # -- status -------------------------------------------------------------------------------
 
     def _waiting_for(self, now: float) -> str | None:
-        state, phases = self._state, self._config.rollout.phases
+        state, phases = self._current, self._config.rollout.phases
         phase = phases[state.phase_index]
         if state.status == "complete":
             return None
@@ -205,7 +214,7 @@ class RolloutController:
         return f"{remaining:.0f} s more in phase {phase.name} (min_duration_s {phase.min_duration_s:g})"
 
     def status(self) -> dict[str, Any]:
-        state, phases, now = self._state, self._config.rollout.phases, time.time()
+        state, phases, now = self._current, self._config.rollout.phases, time.time()
         phase = phases[state.phase_index]
         return {
             "app": self._app_name,
@@ -233,11 +242,11 @@ class RolloutController:
 def start_actors(app_name: str, config: CanaryConfig) -> tuple[ray.actor.ActorHandle, ray.actor.ActorHandle]:
     """Get or create the app's detached collector and controller (idempotent across replicas)."""
     common = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
-    collector = MetricsCollector.options(name=collector_name(app_name), **common).remote(config.model_name)
-    controller = RolloutController.options(name=controller_name(app_name), **common).remote(
-        app_name, config.model_dump(mode="json")
-    )
-    return controller, collector
+    # The collector first: the controller looks it up by name. (Ray's decorators hide `.options`.)
+    collector = MetricsCollector.options(name=collector_name(app_name), **common)  # type: ignore[attr-defined]
+    collector_handle = collector.remote(config.model_name)
+    controller = RolloutController.options(name=controller_name(app_name), **common)  # type: ignore[attr-defined]
+    return controller.remote(app_name, config.model_dump(mode="json")), collector_handle
 
 
 class ControllerClient:

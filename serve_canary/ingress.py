@@ -6,13 +6,11 @@ RequestRecord to a local buffer. Two background tasks per replica: a long-poll t
 new tables, and a flush that ships the buffer to the collector fire-and-forget.
 """
 
-
 import asyncio
 import hmac
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
@@ -106,12 +104,15 @@ def _result(served: Served) -> dict[str, Any] | AsyncIterator[str]:
     return served.stream if served.stream is not None else served.body  # type: ignore[return-value]
 
 
-@serve.deployment(max_ongoing_requests=256)
+# Streams hold a slot for their whole length and cost the ingress little while they wait.
+@serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(api)
 class CanaryIngress:
-    async def __init__(self, stable: DeploymentHandle, canary: DeploymentHandle, config: dict[str, Any]) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, stable: DeploymentHandle, canary: DeploymentHandle, config: dict[str, Any]
+    ) -> None:
         self._config = CanaryConfig.model_validate(config)
-        self._arms = {
+        self._arms: dict[Arm, ArmEndpoint] = {
             "stable": _endpoint("stable", self._config.stable, stable),
             "canary": _endpoint("canary", self._config.canary, canary),
         }
@@ -137,7 +138,9 @@ class CanaryIngress:
                 self._table = await self._controller.get_table(self._table.version, LONG_POLL_TIMEOUT_S)
                 backoff = 0.1
             except Exception as exc:
-                logger.warning("controller unreachable (%s); routing on table v%d", _failure_message(exc), self._table.version)
+                logger.warning(
+                    "controller unreachable (%s); routing on table v%d", _failure_message(exc), self._table.version
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -168,12 +171,19 @@ class CanaryIngress:
     async def _serve(self, kind: Kind, body: Any, headers: Mapping[str, str] | None) -> Served:
         if isinstance(body, dict) and body.get("model") != self._config.model_name:
             raise OpenAIError(
-                404, f"the model {body.get('model')!r} does not exist; this endpoint serves {self._config.model_name!r}",
-                code="model_not_found", param="model",
+                404,
+                f"the model {body.get('model')!r} does not exist; this endpoint serves {self._config.model_name!r}",
+                code="model_not_found",
+                param="model",
             )
         served = await serve_request(
-            kind, body, self._routing_key(headers, body.get("user") if isinstance(body, dict) else None),
-            self._table, self._arms, self._record, request_id=uuid.uuid4().hex,
+            kind,
+            body,
+            self._routing_key(headers, body.get("user") if isinstance(body, dict) else None),
+            self._table,
+            self._arms,
+            self._record,
+            request_id=uuid.uuid4().hex,
             failover=self._config.failover,
         )
         if served.body is not None:
@@ -194,16 +204,25 @@ class CanaryIngress:
     async def status(self) -> dict[str, Any]:
         """The rollout status, plus which table this replica routes by."""
         status = await self._controller.status()
-        status["replica"] = {"id": self._replica_id, "actor_id": self._actor_id, "table_version": self._table.version, "canary_weight": self._table.canary_weight}
+        status["replica"] = {
+            "id": self._replica_id,
+            "actor_id": self._actor_id,
+            "table_version": self._table.version,
+            "canary_weight": self._table.canary_weight,
+        }
         return status
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
         """Attribute a rating or hallucination flag to the arm that served `request_id`."""
         feedback = parse_request(FeedbackBody, body)
         self._flush()
-        attribution = await self._collector.feedback.remote(feedback.request_id, feedback.rating, feedback.hallucination)
+        attribution = await self._collector.feedback.remote(
+            feedback.request_id, feedback.rating, feedback.hallucination
+        )
         if attribution is None:
-            raise OpenAIError(404, f"unknown request_id {feedback.request_id!r} (or too old to attribute)", param="request_id")
+            raise OpenAIError(
+                404, f"unknown request_id {feedback.request_id!r} (or too old to attribute)", param="request_id"
+            )
         return {"request_id": feedback.request_id, **attribution}
 
     # -- HTTP -------------------------------------------------------------------------------
@@ -249,7 +268,9 @@ class CanaryIngress:
 
     def _authorize(self, request: Request) -> None:
         if self._admin_token is None:
-            raise OpenAIError(403, f"the admin API is disabled: set {ADMIN_TOKEN_ENV} on the cluster to enable it", "permission_error")
+            raise OpenAIError(
+                403, f"the admin API is disabled: set {ADMIN_TOKEN_ENV} on the cluster to enable it", "permission_error"
+            )
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self._admin_token}".encode()):
             raise OpenAIError(401, "missing or wrong admin bearer token", "authentication_error")

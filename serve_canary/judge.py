@@ -38,7 +38,13 @@ from serve_canary.sequential import (
 
 Decision = Literal["pass", "wait", "fail"]
 # Each metric's share of the false-rollback budget α; errors matter most and are rarest.
-ALPHA_SHARES = {"error_rate": 0.4, "ttft_p95_ms": 0.15, "e2e_p95_ms": 0.15, "itl_p95_ms": 0.15, "hallucination_rate": 0.15}
+ALPHA_SHARES = {
+    "error_rate": 0.4,
+    "ttft_p95_ms": 0.15,
+    "e2e_p95_ms": 0.15,
+    "itl_p95_ms": 0.15,
+    "hallucination_rate": 0.15,
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,11 @@ def _error_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
 
 
 def _hallucination_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
-    return canary.hallucinations, stable.hallucinations, _share(canary.hallucination_reports, stable.hallucination_reports)
+    return (
+        canary.hallucinations,
+        stable.hallucinations,
+        _share(canary.hallucination_reports, stable.hallucination_reports),
+    )
 
 
 def _exceedance_segment(stable: list[float], canary: list[float]) -> Segment:
@@ -94,8 +104,16 @@ def _exceedance_segment(stable: list[float], canary: list[float]) -> Segment:
 
 
 def _rate_check(
-    metric: str, canary_events: int, canary_n: int, stable_events: int, stable_n: int, earlier: list[Segment],
-    allowed_increase: float, absolute_limit: float | None, alpha: float, promotion_alpha: float,
+    metric: str,
+    canary_events: int,
+    canary_n: int,
+    stable_events: int,
+    stable_n: int,
+    earlier: list[Segment],
+    allowed_increase: float,
+    absolute_limit: float | None,
+    alpha: float,
+    promotion_alpha: float,
 ) -> MetricCheck:
     if canary_n == 0 or stable_n == 0:
         return MetricCheck(metric, None, None, allowed_increase, "wait", "no data on one arm yet")
@@ -107,20 +125,31 @@ def _rate_check(
     rate_lower, _ = proportion_bounds(canary_events, canary_n, alpha)
     _, rate_upper = proportion_bounds(canary_events, canary_n, promotion_alpha)
     stats = {
-        "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_rate / stable_rate if stable_rate else None,
-        "not_worse_e_value": promotion_e, "not_worse_threshold": 1.0 / promotion_alpha,
-        "canary_rate_bounds": [rate_lower, rate_upper], "canary_share": share,
-        "canary_events": canary_events, "stable_events": stable_events, "canary_n": canary_n, "stable_n": stable_n,
+        "e_value": e_value,
+        "e_threshold": 1.0 / alpha,
+        "ratio": canary_rate / stable_rate if stable_rate else None,
+        "not_worse_e_value": promotion_e,
+        "not_worse_threshold": 1.0 / promotion_alpha,
+        "canary_rate_bounds": [rate_lower, rate_upper],
+        "canary_share": share,
+        "canary_events": canary_events,
+        "stable_events": stable_events,
+        "canary_n": canary_n,
+        "stable_n": stable_n,
     }
     args = (metric, stable_rate, canary_rate, allowed_increase)
     if e_value >= 1.0 / alpha:
-        reason = f"{metric} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse (e-value {e_value:.3g} ≥ {1 / alpha:.3g})"
+        evidence = f"e-value {e_value:.3g} ≥ {1 / alpha:.3g}"
+        reason = f"{metric} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse ({evidence})"
         return MetricCheck(*args, "fail", reason, stats)
     if absolute_limit is not None and rate_lower > absolute_limit:
-        reason = f"{metric} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence (lower bound {rate_lower:.2%})"
+        bound = f"lower bound {rate_lower:.2%}"
+        reason = f"{metric} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence ({bound})"
         return MetricCheck(*args, "fail", reason, stats)
     if promotion_e >= 1.0 / promotion_alpha:
-        return MetricCheck(*args, "pass", f"canary/stable shown below {allowed_increase:g} (e-value {promotion_e:.3g})", stats)
+        return MetricCheck(
+            *args, "pass", f"canary/stable shown below {allowed_increase:g} (e-value {promotion_e:.3g})", stats
+        )
     if absolute_limit is not None and rate_upper <= absolute_limit:
         return MetricCheck(*args, "pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})", stats)
     reason = (
@@ -133,8 +162,14 @@ def _rate_check(
 
 
 def _latency_check(
-    metric: str, stable_values: list[float], canary_values: list[float], earlier: list[Segment],
-    allowed_increase: float, absolute_limit_ms: float | None, alpha: float, promotion_alpha: float,
+    metric: str,
+    stable_values: list[float],
+    canary_values: list[float],
+    earlier: list[Segment],
+    allowed_increase: float,
+    absolute_limit_ms: float | None,
+    alpha: float,
+    promotion_alpha: float,
 ) -> MetricCheck:
     if not stable_values and not canary_values:
         return MetricCheck(metric, None, None, allowed_increase, "pass", "no samples on either arm: nothing to compare")
@@ -151,10 +186,15 @@ def _latency_check(
     )
     canary_p95_lower = sorted_quantile(canary, 0.95 - quantile_margin(len(canary), 0.95, alpha)) * 1000.0
     stats = {
-        "e_value": e_value, "e_threshold": 1.0 / alpha, "ratio": canary_p95 / max(stable_p95, 1e-9),
-        "median_ratio_upper": ratio_upper, "canary_p95_lower_ms": canary_p95_lower,
-        "canary_over_stable_p95": canary_over, "stable_over_stable_p95": stable_over,
-        "canary_n": len(canary), "stable_n": len(stable),
+        "e_value": e_value,
+        "e_threshold": 1.0 / alpha,
+        "ratio": canary_p95 / max(stable_p95, 1e-9),
+        "median_ratio_upper": ratio_upper,
+        "canary_p95_lower_ms": canary_p95_lower,
+        "canary_over_stable_p95": canary_over,
+        "stable_over_stable_p95": stable_over,
+        "canary_n": len(canary),
+        "stable_n": len(stable),
     }
     args = (metric, stable_p95, canary_p95, allowed_increase)
     if e_value >= 1.0 / alpha:
@@ -167,8 +207,12 @@ def _latency_check(
         reason = f"{metric} {canary_p95:.1f} ms: above the {absolute_limit_ms:g} ms limit with confidence"
         return MetricCheck(*args, "fail", reason, stats)
     if ratio_upper <= allowed_increase:
-        return MetricCheck(*args, "pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats)
-    reason = f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
+        return MetricCheck(
+            *args, "pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats
+        )
+    reason = (
+        f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
+    )
     return MetricCheck(*args, "wait", reason, stats)
 
 
@@ -177,19 +221,33 @@ def _hallucination_check(
 ) -> MetricCheck:
     """Feedback is optional and sparse: it can fail a canary, never hold one back."""
     check = _rate_check(
-        "hallucination_rate", canary.hallucinations, canary.hallucination_reports, stable.hallucinations,
-        stable.hallucination_reports, earlier, health.max_hallucination_increase, None, alpha, health.promotion_alpha,
+        "hallucination_rate",
+        canary.hallucinations,
+        canary.hallucination_reports,
+        stable.hallucinations,
+        stable.hallucination_reports,
+        earlier,
+        health.max_hallucination_increase,
+        None,
+        alpha,
+        health.promotion_alpha,
     )
     if check.decision == "fail":
         return check
-    return MetricCheck(check.metric, check.stable, check.canary, check.limit, "pass", "no evidence of more hallucinations", check.stats)
+    return MetricCheck(
+        check.metric, check.stable, check.canary, check.limit, "pass", "no evidence of more hallucinations", check.stats
+    )
 
 
 WindowPair = tuple[ArmAggregate, ArmAggregate]  # (stable, canary) of one window
 
 
 def judge(
-    stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, min_requests: int, alpha: float,
+    stable: ArmAggregate,
+    canary: ArmAggregate,
+    health: HealthConfig,
+    min_requests: int,
+    alpha: float,
     earlier: Sequence[WindowPair] = (),
 ) -> Verdict:
     """Judge the current window. The sequential tests also count `earlier` windows of the same
@@ -199,7 +257,9 @@ def judge(
     budget = {metric: alpha * share for metric, share in ALPHA_SHARES.items()}
     promo = health.promotion_alpha
     sorted_earlier = {
-        name: [_exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in earlier]
+        name: [
+            _exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in earlier
+        ]
         for name in ("ttft_s", "e2e_s", "itl_s")
     }
 
@@ -209,9 +269,16 @@ def judge(
 
     checks = (
         _rate_check(
-            "error_rate", canary.errors, canary.requests, stable.errors, stable.requests,
-            [_error_segment(s, c) for s, c in earlier], health.max_error_rate_increase, health.max_error_rate,
-            budget["error_rate"], promo,
+            "error_rate",
+            canary.errors,
+            canary.requests,
+            stable.errors,
+            stable.requests,
+            [_error_segment(s, c) for s, c in earlier],
+            health.max_error_rate_increase,
+            health.max_error_rate,
+            budget["error_rate"],
+            promo,
         ),
         latency("ttft_p95_ms", "ttft_s", health.max_ttft_increase, health.max_ttft_ms),
         latency("e2e_p95_ms", "e2e_s", health.max_latency_increase, health.max_latency_ms),

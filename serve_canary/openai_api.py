@@ -18,7 +18,11 @@ class OpenAIError(Exception):
     """An error the client caused or should see, rendered as OpenAI's error body."""
 
     def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
     ) -> None:
         super().__init__(message)

@@ -14,9 +14,74 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from serve_canary.metrics import RequestRecord
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 STATUSES = ("running", "paused", "awaiting_approval", "rolled_back", "complete")
 ARM_LABELS = ("model", "arm", "version")
 
@@ -28,44 +93,86 @@ class PrometheusExporter:
         self.model = model
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "serve_canary_requests", "Finished requests by outcome (ok, error, cancelled) and error kind.",
-            (*ARM_LABELS, "outcome", "error_kind"), registry=registry,
+            "serve_canary_requests",
+            "Finished requests by outcome (ok, error, cancelled) and error kind.",
+            (*ARM_LABELS, "outcome", "error_kind"),
+            registry=registry,
         )
         self.ttft = Histogram(
-            "serve_canary_time_to_first_token_seconds", "Time to first token, as the ingress saw it.",
-            ARM_LABELS, buckets=TTFT_BUCKETS, registry=registry,
+            "serve_canary_time_to_first_token_seconds",
+            "Time to first token, as the ingress saw it.",
+            ARM_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
         )
         self.itl = Histogram(
-            "serve_canary_inter_token_latency_seconds", "Mean gap between output tokens of a request.",
-            ARM_LABELS, buckets=ITL_BUCKETS, registry=registry,
+            "serve_canary_inter_token_latency_seconds",
+            "Mean gap between output tokens of a request.",
+            ARM_LABELS,
+            buckets=ITL_BUCKETS,
+            registry=registry,
         )
         self.e2e = Histogram(
-            "serve_canary_e2e_request_latency_seconds", "End-to-end latency of successful requests.",
-            ARM_LABELS, buckets=E2E_BUCKETS, registry=registry,
+            "serve_canary_e2e_request_latency_seconds",
+            "End-to-end latency of successful requests.",
+            ARM_LABELS,
+            buckets=E2E_BUCKETS,
+            registry=registry,
         )
-        self.prompt_tokens = Counter("serve_canary_prompt_tokens", "Prompt tokens processed.", ARM_LABELS, registry=registry)
-        self.generation_tokens = Counter("serve_canary_generation_tokens", "Output tokens generated.", ARM_LABELS, registry=registry)
+        self.prompt_tokens = Counter(
+            "serve_canary_prompt_tokens", "Prompt tokens processed.", ARM_LABELS, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "serve_canary_generation_tokens", "Output tokens generated.", ARM_LABELS, registry=registry
+        )
         self.ratings = Counter("serve_canary_feedback_ratings", "User ratings received.", ARM_LABELS, registry=registry)
-        self.rating_sum = Counter("serve_canary_feedback_rating_sum", "Sum of user ratings received.", ARM_LABELS, registry=registry)
+        self.rating_sum = Counter(
+            "serve_canary_feedback_rating_sum", "Sum of user ratings received.", ARM_LABELS, registry=registry
+        )
         self.hallucination_reports = Counter(
-            "serve_canary_hallucination_reports", "Feedback items that said whether the answer hallucinated.", ARM_LABELS, registry=registry,
+            "serve_canary_hallucination_reports",
+            "Feedback items that said whether the answer hallucinated.",
+            ARM_LABELS,
+            registry=registry,
         )
         self.hallucinations = Counter(
-            "serve_canary_hallucinations", "Feedback items that flagged a hallucination.", ARM_LABELS, registry=registry,
+            "serve_canary_hallucinations",
+            "Feedback items that flagged a hallucination.",
+            ARM_LABELS,
+            registry=registry,
         )
-        self.weight = Gauge("serve_canary_canary_weight", "Canary share of traffic in the current routing table.", ("model",), registry=registry)
+        self.weight = Gauge(
+            "serve_canary_canary_weight",
+            "Canary share of traffic in the current routing table.",
+            ("model",),
+            registry=registry,
+        )
         self.phase = Gauge(
-            "serve_canary_rollout_phase", "Index of the current phase (0 = first); labels name it.",
-            ("model", "rollout_id", "phase"), registry=registry,
+            "serve_canary_rollout_phase",
+            "Index of the current phase (0 = first); labels name it.",
+            ("model", "rollout_id", "phase"),
+            registry=registry,
         )
-        self.status = Gauge("serve_canary_rollout_status", "1 for the rollout's current status.", ("model", "status"), registry=registry)
-        self.rollbacks = Counter("serve_canary_rollbacks", "Rollbacks (automatic and by an operator).", ("model", "reason"), registry=registry)
+        self.status = Gauge(
+            "serve_canary_rollout_status", "1 for the rollout's current status.", ("model", "status"), registry=registry
+        )
+        self.rollbacks = Counter(
+            "serve_canary_rollbacks",
+            "Rollbacks (automatic and by an operator).",
+            ("model", "reason"),
+            registry=registry,
+        )
         self.judge_e_value = Gauge(
-            "serve_canary_judge_e_value", "Latest e-value of the judge's 'canary is worse' test, per metric.",
-            ("model", "metric"), registry=registry,
+            "serve_canary_judge_e_value",
+            "Latest e-value of the judge's 'canary is worse' test, per metric.",
+            ("model", "metric"),
+            registry=registry,
         )
         self.judge_decision = Gauge(
-            "serve_canary_judge_decision", "Latest verdict: -1 fail, 0 wait, 1 pass.", ("model",), registry=registry,
+            "serve_canary_judge_decision",
+            "Latest verdict: -1 fail, 0 wait, 1 pass.",
+            ("model",),
+            registry=registry,
         )
         self._counted_rollbacks: set[tuple[str, int, float]] = set()
         self._phase_labels: tuple[str, str] | None = None
@@ -108,7 +215,9 @@ class PrometheusExporter:
             key = (status["rollout_id"], status["attempt"], event["at"])
             if event["action"] in ("auto_rollback", "rollback") and key not in self._counted_rollbacks:
                 self._counted_rollbacks.add(key)
-                self.rollbacks.labels(self.model, "automatic" if event["action"] == "auto_rollback" else "operator").inc()
+                self.rollbacks.labels(
+                    self.model, "automatic" if event["action"] == "auto_rollback" else "operator"
+                ).inc()
         verdict = status.get("last_verdict")
         if verdict:
             self.judge_decision.labels(self.model).set({"fail": -1.0, "wait": 0.0, "pass": 1.0}[verdict["decision"]])

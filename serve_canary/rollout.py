@@ -86,8 +86,14 @@ def _move(
     new_window = (phase_index, weight, attempt) != (state.phase_index, state.weight, state.attempt)
     window_seq = state.window_seq + 1 if new_window else state.window_seq
     event = Event(
-        at=now, action=action, from_status=state.status, to_status=to_status,
-        phase=phases[phase_index].name, weight=weight, reason=reason, evidence=evidence,
+        at=now,
+        action=action,
+        from_status=state.status,
+        to_status=to_status,
+        phase=phases[phase_index].name,
+        weight=weight,
+        reason=reason,
+        evidence=evidence,
     )
     return state.model_copy(
         update=dict(
@@ -110,22 +116,44 @@ def start(
     """A new rollout at the first phase."""
     first = phases[0]
     event = Event(
-        at=now, action="start", from_status=None, to_status="running", phase=first.name,
-        weight=first.weight, reason=f"rolling out {canary_version} against {stable_version}",
+        at=now,
+        action="start",
+        from_status=None,
+        to_status="running",
+        phase=first.name,
+        weight=first.weight,
+        reason=f"rolling out {canary_version} against {stable_version}",
     )
     return RolloutState(
-        rollout_id=rollout_id, stable_version=stable_version, canary_version=canary_version,
-        attempt=1, phase_index=0, status="running", weight=first.weight, phase_started_at=now,
-        window_seq=0, attempt_first_window=0, table_version=1, events=(event,),
+        rollout_id=rollout_id,
+        stable_version=stable_version,
+        canary_version=canary_version,
+        attempt=1,
+        phase_index=0,
+        status="running",
+        weight=first.weight,
+        phase_started_at=now,
+        window_seq=0,
+        attempt_first_window=0,
+        table_version=1,
+        events=(event,),
     )
 
 
-def _advance(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, action: str, reason: str) -> RolloutState:
+def _advance(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, action: str, reason: str
+) -> RolloutState:
     index = state.phase_index + 1
     status: Status = "complete" if index == len(phases) - 1 else "running"
     return _move(
-        state, phases, now, action=action, to_status=status, reason=reason,
-        phase_index=index, weight=phases[index].weight,
+        state,
+        phases,
+        now,
+        action=action,
+        to_status=status,
+        reason=reason,
+        phase_index=index,
+        weight=phases[index].weight,
     )
 
 
@@ -137,8 +165,14 @@ def evaluate(
         return state
     if verdict.decision == "fail" and auto_rollback:
         return _move(
-            state, phases, now, action="auto_rollback", to_status="rolled_back",
-            reason=f"canary unhealthy: {verdict.reason}", weight=0.0, evidence=verdict.to_dict(),
+            state,
+            phases,
+            now,
+            action="auto_rollback",
+            to_status="rolled_back",
+            reason=f"canary unhealthy: {verdict.reason}",
+            weight=0.0,
+            evidence=verdict.to_dict(),
         )
     if state.status != "running" or verdict.decision != "pass":
         return state
@@ -148,7 +182,11 @@ def evaluate(
     following = phases[state.phase_index + 1]
     if following.approval:
         return _move(
-            state, phases, now, action="await_approval", to_status="awaiting_approval",
+            state,
+            phases,
+            now,
+            action="await_approval",
+            to_status="awaiting_approval",
             reason=f"phase {phase.name} healthy; entering {following.name} needs approval",
             evidence=verdict.to_dict(),
         )
@@ -174,8 +212,13 @@ def resume(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> 
         raise TransitionError(f"only a paused rollout can resume; it is {state.status}")
     phase = phases[state.phase_index]
     return _move(
-        state, phases, now, action="resume", to_status="running",
-        reason=f"operator resumed phase {phase.name}", weight=phase.weight,
+        state,
+        phases,
+        now,
+        action="resume",
+        to_status="running",
+        reason=f"operator resumed phase {phase.name}",
+        weight=phase.weight,
     )
 
 
@@ -186,8 +229,13 @@ def set_weight(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float,
     if state.status == "rolled_back":
         raise TransitionError("the rollout is rolled back; restart it before setting a weight")
     return _move(
-        state, phases, now, action="set_weight", to_status="paused",
-        reason=f"operator set the canary weight to {weight:g}", weight=weight,
+        state,
+        phases,
+        now,
+        action="set_weight",
+        to_status="paused",
+        reason=f"operator set the canary weight to {weight:g}",
+        weight=weight,
     )
 
 
@@ -202,7 +250,13 @@ def restart(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) ->
     if state.status != "rolled_back":
         raise TransitionError(f"only a rolled-back rollout can restart; it is {state.status}")
     return _move(
-        state, phases, now, action="restart", to_status="running",
+        state,
+        phases,
+        now,
+        action="restart",
+        to_status="running",
         reason=f"attempt {state.attempt + 1} from phase {phases[0].name}",
-        phase_index=0, weight=phases[0].weight, attempt=state.attempt + 1,
+        phase_index=0,
+        weight=phases[0].weight,
+        attempt=state.attempt + 1,
     )

@@ -32,7 +32,7 @@ class RoutingTable:
     phase: str
     status: str
     _threshold: int = field(init=False, repr=False, compare=False)
-    _hasher: "hashlib._Hash" = field(init=False, repr=False, compare=False)
+    _hasher: hashlib._Hash = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.canary_weight <= 1.0:

@@ -43,8 +43,10 @@ Segment = tuple[int, int, float]  # (canary events, stable events, canary share)
 
 
 def ratio_e_value(
-    segments: Sequence[Segment], null_ratio: float = 1.0,
-    alternatives: tuple[float, ...] = RHO_GRID, weights: tuple[float, ...] = RHO_WEIGHTS,
+    segments: Sequence[Segment],
+    null_ratio: float = 1.0,
+    alternatives: tuple[float, ...] = RHO_GRID,
+    weights: tuple[float, ...] = RHO_WEIGHTS,
 ) -> float:
     """E-value against "the canary/stable rate ratio is `null_ratio`", mixed over alternatives.
 
@@ -62,7 +64,9 @@ def ratio_e_value(
         log_lr = math.log(weight)
         for canary_events, stable_events, share in live:
             theta, theta_null = share_to_theta(rho, share), share_to_theta(null_ratio, share)
-            log_lr += canary_events * math.log(theta / theta_null) + stable_events * math.log((1.0 - theta) / (1.0 - theta_null))
+            log_lr += canary_events * math.log(theta / theta_null) + stable_events * math.log(
+                (1.0 - theta) / (1.0 - theta_null)
+            )
         log_terms.append(log_lr)
     return math.exp(min(_logsumexp(log_terms), 700.0))
 
@@ -75,7 +79,9 @@ def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float) -> flo
 def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:
     """log of the Beta(1/2, 1/2)-mixture likelihood ratio against a rate `theta`."""
     failures = trials - successes
-    log_null = (successes * math.log(theta) if successes else 0.0) + (failures * math.log1p(-theta) if failures else 0.0)
+    log_null = (successes * math.log(theta) if successes else 0.0) + (
+        failures * math.log1p(-theta) if failures else 0.0
+    )
     return _log_beta(successes + 0.5, failures + 0.5) - _log_beta(0.5, 0.5) - log_null
 
 

@@ -94,7 +94,11 @@ class _Attempt:
         self.last_at = self.started
 
     def record(
-        self, outcome: str, error_kind: str | None = None, prompt_tokens: int = 0, output_tokens: int = 0,
+        self,
+        outcome: str,
+        error_kind: str | None = None,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
         finish_reason: str | None = None,
     ) -> RequestRecord:
         now = self.clock()
@@ -103,8 +107,19 @@ class _Attempt:
         if self.first_at is not None and output_tokens > 1:
             itl = (self.last_at - self.first_at) / (output_tokens - 1)
         return RequestRecord(
-            self.request_id, self.table.window, self.arm, self.table.version_of(self.arm), outcome, error_kind,
-            ttft, itl, now - self.started, prompt_tokens, output_tokens, finish_reason, self.table.canary_weight,
+            self.request_id,
+            self.table.window,
+            self.arm,
+            self.table.version_of(self.arm),
+            outcome,
+            error_kind,
+            ttft,
+            itl,
+            now - self.started,
+            prompt_tokens,
+            output_tokens,
+            finish_reason,
+            self.table.canary_weight,
         )
 
 
@@ -213,17 +228,24 @@ async def serve_request(
     if not envelope.stream:
         await _close(stream)
         return Served(arm, endpoint.version, attempt.request_id, body=_unary(first, endpoint, attempt, record))
-    return Served(arm, endpoint.version, attempt.request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage))
+    return Served(
+        arm, endpoint.version, attempt.request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage)
+    )
 
 
 def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:
     body: dict[str, Any] = response.model_dump(mode="json") if hasattr(response, "model_dump") else dict(response)
     tokens = body.get("usage") or {}
     outcome, error_kind = _outcome(reasons := _finish_reasons(body.get("choices")))
-    record(attempt.record(
-        outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0),
-        reasons[0] if reasons else None,
-    ))
+    record(
+        attempt.record(
+            outcome,
+            error_kind,
+            int(tokens.get("prompt_tokens") or 0),
+            int(tokens.get("completion_tokens") or 0),
+            reasons[0] if reasons else None,
+        )
+    )
     body["serve_canary"] = {"arm": endpoint.name, "version": endpoint.version, "table_version": attempt.table.version}
     return body
 
@@ -241,8 +263,8 @@ async def _relay(
             items: list[str] = []
             for item in batch:
                 if not isinstance(item, str):
-                    error = _error_of(item)
-                    item = f"data: {json.dumps({'error': {'message': error[1] if error else str(item), 'code': error[0] if error else 500}})}\n\n"
+                    status, message = _error_of(item) or (500, str(item))
+                    item = f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
                 if item.startswith(ERROR_EVENT_PREFIX):
                     outcome, error_kind = "error", "midstream"
                 items.append(item)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ray.serve.deployment import Application
@@ -37,13 +37,16 @@ class CanaryLLMServer(LLMServer):
         await super().start()
         started = time.perf_counter()
         model_id = self._llm_config.model_id
-        request = CompletionRequest(model=model_id, prompt=WARM_UP_PROMPT, max_tokens=1, temperature=0.0)
+        request = CompletionRequest.model_validate(
+            {"model": model_id, "prompt": WARM_UP_PROMPT, "max_tokens": 1, "temperature": 0.0}
+        )
         async for item in await self.completions(request):
-            if getattr(item, "error", None) is not None:
-                raise RuntimeError(f"warm-up generation of {model_id} failed: {item.error.message}")
+            error = getattr(item, "error", None)
+            if error is not None:
+                raise RuntimeError(f"warm-up generation of {model_id} failed: {error.message}")
         logger.info("%s answered its warm-up generation in %.2f s", model_id, time.perf_counter() - started)
 
-    def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncGenerator[list[Any], None]:
+    def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncIterator[list[Any]]:  # type: ignore[override]
         interval_ms = self._llm_config.experimental_configs.get("stream_batching_interval_ms", DEFAULT_INTERVAL_MS)
         return batched(generator, float(interval_ms))
 
@@ -62,4 +65,3 @@ def build_arm(name: str, llm_config: dict[str, Any]) -> Application:
     """The arm's deployment, named `name` so a Serve config's `deployments:` can address it."""
     config = LLMConfig.model_validate(llm_config)
     return build_llm_deployment(config, deployment_cls=CanaryLLMServer, override_serve_options={"name": name})
-

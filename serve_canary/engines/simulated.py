@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
 from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
 from serve_canary.openai_api import (
     SSE_DONE,
@@ -85,7 +86,9 @@ class SimulatedEngine:
                 f"This model's maximum context length is {args.max_model_len} tokens; the prompt has "
                 f"{prompt_tokens} and {limit or 1} output tokens were requested"
             )
-            yield ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", param="input_tokens", code=400))
+            yield ErrorResponse(
+                error=ErrorInfo(message=message, type="BadRequestError", param="input_tokens", code=400)
+            )
             return
         fails_early = self._rng.random() < args.error_rate
         fails_midway = self._rng.random() < args.midstream_error_rate
@@ -98,8 +101,10 @@ class SimulatedEngine:
         words = [_WORDS[i % len(_WORDS)] for i in range(total)]
         prefix = "chatcmpl" if chat else "cmpl"
         envelope = {
-            "id": f"{prefix}-{request.request_id}", "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": self.model_id,
+            "id": f"{prefix}-{request.request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_id,
         }
         if not request.stream:
             for _ in range(total - 1):
@@ -111,7 +116,7 @@ class SimulatedEngine:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             body = {**envelope, "object": "chat.completion" if chat else "text_completion", "choices": [choice]}
-            yield Response(**body, usage=usage(prompt_tokens, total))
+            yield Response.model_validate({**body, "usage": usage(prompt_tokens, total)})
             return
 
         def chunk(text: str, finish_reason: str | None, role: bool = False) -> str:

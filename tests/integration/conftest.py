@@ -48,7 +48,14 @@ def cluster() -> Iterator[dict[str, Any]]:
     os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"
     os.environ["RAY_SERVE_LLM_DEFAULT_HEALTH_CHECK_TIMEOUT_S"] = "60"
     os.environ["SERVE_CANARY_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas inherit the driver's environment
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    context = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"port": port, "gcs_address": context.address_info["gcs_address"]}
@@ -91,7 +98,9 @@ class App:
         return self.handle.status.remote().result()
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self.http.request(method, f"/-/canary/{path}", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, **kwargs)
+        return self.http.request(
+            method, f"/-/canary/{path}", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, **kwargs
+        )
 
     @property
     def controller(self) -> ray.actor.ActorHandle:
@@ -129,25 +138,40 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
 
 
 def deploy_app(
-    cluster: dict[str, Any], args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None,
+    cluster: dict[str, Any],
+    args: dict[str, Any],
+    ingress_replicas: int = 1,
+    ingress_env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
 ) -> str:
     """Deploy one app through Serve's config path (the `deployments:` overrides included)."""
     name = f"t{uuid.uuid4().hex[:8]}"
-    ingress: dict[str, Any] = {"name": "CanaryIngress", "num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0}}
+    ingress: dict[str, Any] = {
+        "name": "CanaryIngress",
+        "num_replicas": ingress_replicas,
+        "ray_actor_options": {"num_cpus": 0},
+    }
     if ingress_env is not None:
         ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
-    arms = [{"name": arm, "ray_actor_options": {"num_cpus": 0}} for arm in ("stable", "canary") if "llm_config" not in args[arm]]
-    config = ServeDeploySchema.model_validate({
-        "http_options": {"host": "127.0.0.1", "port": cluster["port"]},
-        "applications": [{
-            "name": name,
-            "route_prefix": f"/{name}",
-            "import_path": "serve_canary.app:build_app",
-            "args": args,
-            "deployments": [ingress, *arms],
-        }],
-    })
+    arms = [
+        {"name": arm, "ray_actor_options": {"num_cpus": 0}}
+        for arm in ("stable", "canary")
+        if "llm_config" not in args[arm]
+    ]
+    config = ServeDeploySchema.model_validate(
+        {
+            "http_options": {"host": "127.0.0.1", "port": cluster["port"]},
+            "applications": [
+                {
+                    "name": name,
+                    "route_prefix": f"/{name}",
+                    "import_path": "serve_canary.app:build_app",
+                    "args": args,
+                    "deployments": [ingress, *arms],
+                }
+            ],
+        }
+    )
     _get_global_client().deploy_apps(config)
 
     def running() -> bool:
@@ -181,7 +205,9 @@ def background_traffic(
         while not stop.is_set():
             payload = body or {"model": app.model, "messages": [{"role": "user", "content": "hi"}]}
             try:
-                response = await client.post("/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"})
+                response = await client.post(
+                    "/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"}
+                )
                 outcomes[str(response.status_code)] += 1
             except httpx.HTTPError as exc:
                 outcomes[type(exc).__name__] += 1

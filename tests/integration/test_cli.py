@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 def cli(cluster, app, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name, *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -37,7 +39,9 @@ def test_commands_and_their_errors(deploy, cluster):
     assert bad.returncode == 2 and "within [0, 1]" in bad.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", "nope", "status"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert missing.returncode == 1 and "no rollout found for app 'nope'" in missing.stderr
 
@@ -51,9 +55,22 @@ def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
     app = deploy(app_args(rollout=HOLD))
     env = {**os.environ, "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1", "COLUMNS": "140", "LINES": "60"}
     watch = subprocess.Popen(
-        [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name,
-         "status", "--watch", "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "serve_canary.cli",
+            "--address",
+            cluster["gcs_address"],
+            "--app",
+            app.name,
+            "status",
+            "--watch",
+            "--interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     output = bytearray()
 
@@ -78,4 +95,3 @@ def test_status_watch_redraws_after_a_set_weight(deploy, cluster, tmp_path):
     if capture:
         with open(os.path.join(capture, "status_watch.txt"), "wb") as out:
             out.write(plain(output))
-

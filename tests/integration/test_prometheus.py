@@ -11,7 +11,6 @@ import pytest
 import ray
 from scipy.stats import binomtest
 
-
 from .conftest import app_args, free_port, wait_for
 from .test_serving import HOLD
 
@@ -35,9 +34,14 @@ def prometheus(tmp_path) -> Iterator[callable]:
         )
         port = free_port()
         process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "prometheus.log").open("w"),
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -92,6 +96,11 @@ def test_promql_sees_the_per_arm_error_rate_and_the_weight(deploy, prometheus, c
 
     assert float(query(url, "serve_canary_canary_weight")[0]["value"][1]) == 0.5
     app.admin("PUT", "weight", json={"weight": 0.7})
-    wait_for(lambda: float(query(url, "serve_canary_canary_weight")[0]["value"][1]) == 0.7, 10, "the weight gauge", poll_s=0.5)
+    wait_for(
+        lambda: float(query(url, "serve_canary_canary_weight")[0]["value"][1]) == 0.7,
+        10,
+        "the weight gauge",
+        poll_s=0.5,
+    )
     paused = query(url, 'serve_canary_rollout_status{status="paused"}')
     assert float(paused[0]["value"][1]) == 1.0

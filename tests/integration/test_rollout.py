@@ -60,7 +60,9 @@ def test_erroring_canary_is_rolled_back_fast_and_stays_rolled_back(deploy):
         rollback = status["events"][-1]
         assert rollback["action"] == "auto_rollback" and rollback["weight"] == 0.0
         # The sequential test may fire before min_requests; it must not lag behind it.
-        assert rollback["at"] - (enough_at or rollback["at"]) <= 2 * INTERVAL_S, "rollback must follow within two evaluations"
+        assert rollback["at"] - (enough_at or rollback["at"]) <= 2 * INTERVAL_S, (
+            "rollback must follow within two evaluations"
+        )
         assert "error_rate" in rollback["reason"]
         wait_for(lambda: app.chat(user="probe").headers["x-serve-canary-arm"] == "stable", 10, "stable-only routing")
         served_before = sum(outcomes.values())
@@ -94,11 +96,18 @@ def test_without_traffic_nothing_advances_and_status_says_why(deploy):
 
 
 def test_killed_controller_resumes_at_its_phase_while_routing_continues(deploy):
-    app = deploy(app_args(rollout={"interval_s": INTERVAL_S, "phases": [
-        {"name": "init", "weight": 0.05, "min_duration_s": 1, "min_requests": 20},
-        {"name": "early", "weight": 0.20, "min_duration_s": 3600, "min_requests": 20},
-        {"name": "full", "weight": 1.0, "approval": True},
-    ]}))
+    app = deploy(
+        app_args(
+            rollout={
+                "interval_s": INTERVAL_S,
+                "phases": [
+                    {"name": "init", "weight": 0.05, "min_duration_s": 1, "min_requests": 20},
+                    {"name": "early", "weight": 0.20, "min_duration_s": 3600, "min_requests": 20},
+                    {"name": "full", "weight": 1.0, "approval": True},
+                ],
+            }
+        )
+    )
     with background_traffic(app) as outcomes:
         before = wait_for(lambda: (s := app.status())["phase"] == "early" and s, 60, "phase early")
         ray.kill(app.controller, no_restart=False)
@@ -128,7 +137,9 @@ def test_feedback_is_attributed_to_the_serving_arm(deploy):
         body = app.chat(user=f"u{i}").json()
         served[body["id"]] = body["serve_canary"]["arm"]
     for request_id, arm in served.items():
-        response = app.http.post("/-/canary/feedback", json={"request_id": request_id, "rating": 1.0, "hallucination": arm == "canary"})
+        response = app.http.post(
+            "/-/canary/feedback", json={"request_id": request_id, "rating": 1.0, "hallucination": arm == "canary"}
+        )
         assert response.status_code == 200 and response.json()["arm"] == arm, (request_id, arm, response.text)
     assert app.http.post("/-/canary/feedback", json={"request_id": "nope", "rating": 1}).status_code == 404
     assert app.http.post("/-/canary/feedback", json={"rating": 1}).status_code == 400
@@ -168,9 +179,13 @@ def test_concurrent_commands_each_land_in_order(cluster):
         weights = [round(0.05 * i, 2) for i in range(1, 11)]
         statuses = ray.get([controller.set_weight.remote(weight) for weight in weights])
         after = ray.get(controller.status.remote())
-        assert sorted(s["table_version"] for s in statuses) == list(range(before["table_version"] + 1, after["table_version"] + 1))
+        assert sorted(s["table_version"] for s in statuses) == list(
+            range(before["table_version"] + 1, after["table_version"] + 1)
+        )
         assert after["table_version"] == before["table_version"] + len(weights)
-        assert [e["weight"] for e in after["events"] if e["action"] == "set_weight"] == [s["canary_weight"] for s in sorted(statuses, key=lambda s: s["table_version"])]
+        assert [e["weight"] for e in after["events"] if e["action"] == "set_weight"] == [
+            s["canary_weight"] for s in sorted(statuses, key=lambda s: s["table_version"])
+        ]
         table = ray.get(controller.get_table.remote(-1, 0.0))
         assert (table.version, table.canary_weight) == (after["table_version"], after["canary_weight"])
     finally:

@@ -16,10 +16,14 @@ from .conftest import ADMIN_TOKEN, OUTPUT_TOKENS, app_args, wait_for
 pytestmark = pytest.mark.integration
 
 # Keep automation out of the way: the first phase cannot complete within these tests.
-HOLD = {"interval_s": 0.5, "auto_rollback": False, "phases": [
-    {"name": "init", "weight": 0.05, "min_duration_s": 3600, "min_requests": 1},
-    {"name": "full", "weight": 1.0, "approval": True},
-]}
+HOLD = {
+    "interval_s": 0.5,
+    "auto_rollback": False,
+    "phases": [
+        {"name": "init", "weight": 0.05, "min_duration_s": 3600, "min_requests": 1},
+        {"name": "full", "weight": 1.0, "approval": True},
+    ],
+}
 
 
 def test_openai_client_gets_completions_with_arm_headers(deploy):
@@ -35,7 +39,10 @@ def test_openai_client_gets_completions_with_arm_headers(deploy):
     assert completion.usage.completion_tokens == 4 and completion.usage.prompt_tokens == 2  # "hi" plus one per message
 
     stream = client.chat.completions.create(
-        model="test-llm", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+        model="test-llm",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -50,7 +57,12 @@ def test_openai_client_gets_completions_with_arm_headers(deploy):
 
 def test_sse_stream_ends_with_done_and_carries_headers(deploy):
     app = deploy(app_args(rollout=HOLD))
-    with app.http.stream("POST", "/v1/completions", json={"model": "test-llm", "prompt": "x", "stream": True}, headers={"x-user-id": "u1"}) as response:
+    with app.http.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": "test-llm", "prompt": "x", "stream": True},
+        headers={"x-user-id": "u1"},
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-serve-canary-arm"] in ("stable", "canary")
@@ -117,8 +129,21 @@ def test_set_weight_reaches_both_replicas_within_a_second_without_redeploy(deplo
     app = deploy(app_args(rollout=HOLD), ingress_replicas=2)
     before = wait_for(lambda: _both_replica_views(app), 10, "two replicas")
     cli = subprocess.run(
-        [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name, "--json", "set-weight", "0.5"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "serve_canary.cli",
+            "--address",
+            cluster["gcs_address"],
+            "--app",
+            app.name,
+            "--json",
+            "set-weight",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["canary_weight"] == 0.5

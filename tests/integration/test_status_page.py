@@ -40,7 +40,9 @@ class Page:
                 return message["result"]
 
     def text(self, element_id: str) -> str | None:
-        result = self.call("Runtime.evaluate", expression=f"document.getElementById({element_id!r})?.textContent", returnByValue=True)
+        result = self.call(
+            "Runtime.evaluate", expression=f"document.getElementById({element_id!r})?.textContent", returnByValue=True
+        )
         return result["result"].get("value")
 
     def close(self) -> None:
@@ -54,17 +56,32 @@ def chromium(tmp_path) -> Iterator[callable]:
         pytest.fail("chromium is not installed (`.ci/run` installs Debian's `chromium`)")
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}", "--window-size=1280,1400", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--remote-debugging-port={port}",
+            "--window-size=1280,1400",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     pages = []
 
     def open_page(url: str) -> Page:
         def target():
             try:
-                return next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json() if t["type"] == "page")
+                return next(
+                    t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json() if t["type"] == "page"
+                )
             except (httpx.HTTPError, StopIteration):
                 return None
 

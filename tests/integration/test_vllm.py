@@ -60,8 +60,11 @@ def vllm_app(cluster: dict[str, Any]) -> Iterator[App]:
         # tiny α asks overwhelming evidence of any rollback (a dead engine gives it within a few
         # dozen requests), and latency passes within a wide tolerance.
         "health": {
-            "alpha": 1e-6, "max_error_rate": 0.2,
-            "max_ttft_increase": 20.0, "max_latency_increase": 20.0, "max_itl_increase": 20.0,
+            "alpha": 1e-6,
+            "max_error_rate": 0.2,
+            "max_ttft_increase": 20.0,
+            "max_latency_increase": 20.0,
+            "max_itl_increase": 20.0,
         },
     }
     name = deploy_app(cluster, args, timeout_s=400)
@@ -103,7 +106,9 @@ def test_openai_client_chat_and_completions_stream_and_not(vllm_app):
     assert prompt_ids.count(tokenizer.bos_token_id) == 1
     seen_arms = set()
     for user in (f"user-{i}" for i in range(12)):
-        raw = client(vllm_app, user).chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=6)
+        raw = client(vllm_app, user).chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=6
+        )
         completion = raw.parse()
         arm = raw.headers["x-serve-canary-arm"]
         seen_arms.add(arm)
@@ -113,9 +118,15 @@ def test_openai_client_chat_and_completions_stream_and_not(vllm_app):
     assert seen_arms == {"stable", "canary"}
 
     openai = client(vllm_app, "ada")
-    chunks = list(openai.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        openai.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == prompt_tokens
     plain = list(openai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, stream=True))
     assert all(chunk.usage is None for chunk in plain)  # asked for internally, stripped for this client
@@ -129,8 +140,14 @@ def test_openai_client_chat_and_completions_stream_and_not(vllm_app):
 
 def test_vllm_options_pass_through(vllm_app):
     completion = client(vllm_app, "ada").chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2,
-        seed=7, presence_penalty=0.5, stop=["zzz"],
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        seed=7,
+        presence_penalty=0.5,
+        stop=["zzz"],
     )
     assert len(completion.choices[0].logprobs.content) == 3
     assert len(completion.choices[0].logprobs.content[0].top_logprobs) == 2
@@ -142,8 +159,13 @@ def test_a_prompt_longer_than_max_model_len_is_a_400_and_no_arm_error(vllm_app):
     with pytest.raises(BadRequestError, match="maximum context length"):
         client(vllm_app, "ada").completions.create(model=MODEL, prompt="river " * (MAX_MODEL_LEN + 10), max_tokens=4)
     after = wait_for(
-        lambda: (w := vllm_app.window(window)) and sum(w[a].rejected for a in w) > sum(before[a].rejected for a in before) and w,
-        10, "the rejected request recorded",
+        lambda: (
+            (w := vllm_app.window(window))
+            and sum(w[a].rejected for a in w) > sum(before[a].rejected for a in before)
+            and w
+        ),
+        10,
+        "the rejected request recorded",
     )
     assert sum(after[a].errors for a in after) == sum(before[a].errors for a in before)
 
@@ -163,9 +185,9 @@ def test_a_client_disconnect_aborts_the_generation(vllm_app):
     assert cancelled == 1
 
 
-def _canary_engine_processes(app: App) -> list[psutil.Process]:
-    """The vLLM engine processes under the canary replica's worker (Ray titles it by replica)."""
-    title = f"ServeReplica:{app.name}:canary"
+def _engine_processes(app: App, arm: str) -> list[psutil.Process]:
+    """The vLLM engine processes under an arm's replica worker (Ray titles it by replica)."""
+    title = f"ServeReplica:{app.name}:{arm}"
     [replica] = [p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or ())]
     return [p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
 
@@ -173,7 +195,7 @@ def _canary_engine_processes(app: App) -> list[psutil.Process]:
 def test_a_killed_vllm_canary_fails_over_to_stable_and_is_rolled_back(vllm_app):
     assert vllm_app.status()["status"] == "paused"  # the set-weight of the tests above
     assert vllm_app.admin("POST", "resume").json()["canary_weight"] == 0.5
-    engines = _canary_engine_processes(vllm_app)
+    engines = _engine_processes(vllm_app, "canary")
     assert engines, "the canary replica runs its vLLM engine in a child process"
     for process in engines:
         process.kill()
@@ -181,3 +203,12 @@ def test_a_killed_vllm_canary_fails_over_to_stable_and_is_rolled_back(vllm_app):
         status = wait_for(status_is(vllm_app, "rolled_back"), 120, "the rollback")
     assert "error_rate" in status["events"][-1]["reason"]
     assert set(outcomes) == {"200"}, outcomes  # every user was answered, by stable when the canary failed
+
+
+def test_engines_stop_with_their_replicas(vllm_app):
+    engines = _engine_processes(vllm_app, "stable")
+    assert engines
+    serve.delete(vllm_app.name)
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in engines), 30, "engines to stop"
+    )

@@ -28,9 +28,16 @@ def args(**overrides):
 def test_defaults_are_the_seeds():
     config = parse_config(args())
     assert [(p.name, p.weight, p.min_duration_s, p.approval) for p in config.rollout.phases] == [
-        ("init", 0.05, 600, False), ("early", 0.20, 1800, False), ("progress", 0.50, 3600, False), ("full", 1.0, 0, True),
+        ("init", 0.05, 600, False),
+        ("early", 0.20, 1800, False),
+        ("progress", 0.50, 3600, False),
+        ("full", 1.0, 0, True),
     ]
-    assert (config.health.max_error_rate, config.health.max_latency_ms, config.health.max_latency_increase) == (0.01, 2000, 1.5)
+    assert (config.health.max_error_rate, config.health.max_latency_ms, config.health.max_latency_increase) == (
+        0.01,
+        2000,
+        1.5,
+    )
     assert config.rollout.auto_rollback and config.failover
     assert config.routing.key_headers == ("x-user-id", "x-session-id")
     assert config.state_store == "gcs"
@@ -39,19 +46,36 @@ def test_defaults_are_the_seeds():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"rollout": {"phases": [{"name": "a", "weight": 1.5}, {"name": "b", "weight": 1.0}]}},
-         "rollout.phases.0.weight: Input should be less than or equal to 1"),
-        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.2}, {"name": "c", "weight": 1.0}]}},
-         "rollout.phases: weights must strictly increase, got [0.5, 0.2, 1.0]"),
-        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.9}]}},
-         "rollout.phases: the last phase's weight must be 1.0"),
-        ({"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "a", "weight": 1.0}]}},
-         "rollout.phases: phase names must be unique"),
+        (
+            {"rollout": {"phases": [{"name": "a", "weight": 1.5}, {"name": "b", "weight": 1.0}]}},
+            "rollout.phases.0.weight: Input should be less than or equal to 1",
+        ),
+        (
+            {
+                "rollout": {
+                    "phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.2}, {"name": "c", "weight": 1.0}]
+                }
+            },
+            "rollout.phases: weights must strictly increase, got [0.5, 0.2, 1.0]",
+        ),
+        (
+            {"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.9}]}},
+            "rollout.phases: the last phase's weight must be 1.0",
+        ),
+        (
+            {"rollout": {"phases": [{"name": "a", "weight": 0.5}, {"name": "a", "weight": 1.0}]}},
+            "rollout.phases: phase names must be unique",
+        ),
         ({"canary": {"version": "v2", "engine": "tgi"}}, "canary.engine: Input should be 'simulated' (got 'tgi')"),
         ({"canary": {"version": "v1", "engine": "simulated"}}, "stable and canary versions must differ, both are 'v1'"),
-        ({"canary": {"llm_config": {"engine_kwargs": {}}}}, "canary: llm_config.model_loading_config.model_id is required"),
-        ({"canary": {"engine": "simulated", "llm_config": {"model_loading_config": {"model_id": "m"}}}},
-         "canary: give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither"),
+        (
+            {"canary": {"llm_config": {"engine_kwargs": {}}}},
+            "canary: llm_config.model_loading_config.model_id is required",
+        ),
+        (
+            {"canary": {"engine": "simulated", "llm_config": {"model_loading_config": {"model_id": "m"}}}},
+            "canary: give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither",
+        ),
         ({"canary": {"engine": "simulated"}}, "canary: version is required for a simulated arm"),
         ({"state_store": "redis://x"}, "state_store: must be 'gcs' or 'file:///absolute/path', got 'redis://x'"),
         ({"rollout": {"interval_s": 0}}, "rollout.interval_s: Input should be greater than 0"),

@@ -11,8 +11,27 @@ from serve_canary.prometheus import PrometheusExporter
 
 DASHBOARD = Path(__file__).parents[2] / "deployments" / "grafana" / "serve-canary.json"
 PROMQL_WORDS = {
-    "sum", "by", "rate", "increase", "histogram_quantile", "changes", "label_values", "without", "avg", "max",
-    "min", "count", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "le",
+    "sum",
+    "by",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "changes",
+    "label_values",
+    "without",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "le",
 }
 
 
@@ -22,8 +41,18 @@ def exported_names() -> set[str]:
     exporter = PrometheusExporter("m")
     exporter.record([RequestRecord("r", "w", "canary", "v2", "ok", None, 0.1, 0.01, 0.5, 3, 5, "stop", 0.1)])
     exporter.feedback("canary", "v2", 4.0, True)
-    exporter.rollout({"rollout_id": "r", "attempt": 1, "phase": "p", "phase_index": 0, "status": "running", "canary_weight": 0.1,
-                      "events": [{"action": "rollback", "at": 1.0}], "last_verdict": {"decision": "wait", "checks": [{"metric": "e", "stats": {"e_value": 1.0}}]}})
+    exporter.rollout(
+        {
+            "rollout_id": "r",
+            "attempt": 1,
+            "phase": "p",
+            "phase_index": 0,
+            "status": "running",
+            "canary_weight": 0.1,
+            "events": [{"action": "rollback", "at": 1.0}],
+            "last_verdict": {"decision": "wait", "checks": [{"metric": "e", "stats": {"e_value": 1.0}}]},
+        }
+    )
     return {s.name for f in text_string_to_metric_families(exporter.exposition().decode()) for s in f.samples}
 
 
@@ -60,9 +89,19 @@ def test_every_panel_names_only_exported_metrics():
 
 def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]).lower()
-    for needed in ("weight", "phase", "error rate", "time to first token", "inter-token", "tokens per second", "rollbacks"):
+    for needed in (
+        "weight",
+        "phase",
+        "error rate",
+        "time to first token",
+        "inter-token",
+        "tokens per second",
+        "rollbacks",
+    ):
         assert needed in titles
 
 
 def test_metric_name_extraction_catches_a_typo():
-    assert metric_names('sum by (arm) (rate(serve_canary_requets_total{model="$model"}[5m]))') == {"serve_canary_requets_total"}
+    assert metric_names('sum by (arm) (rate(serve_canary_requets_total{model="$model"}[5m]))') == {
+        "serve_canary_requets_total"
+    }

@@ -12,17 +12,31 @@ HEALTH = HealthConfig()
 ALPHA = 0.01 / 3
 
 
-def arm(requests: int, errors: int = 0, latency_s: float = 0.5, ttft_s: float = 0.05, seed: int = 0, spread: float = 0.2) -> ArmAggregate:
+def arm(
+    requests: int, errors: int = 0, latency_s: float = 0.5, ttft_s: float = 0.05, seed: int = 0, spread: float = 0.2
+) -> ArmAggregate:
     rng = np.random.default_rng(seed)
     aggregate = ArmAggregate()
     for i in range(requests):
         failed = i < errors
         noise = float(rng.lognormal(0.0, spread))
-        aggregate.add(RequestRecord(
-            f"r{i}", "w", "stable", "v", "error" if failed else "ok", "before_first_token" if failed else None,
-            None if failed else ttft_s * noise, 0.01 * noise, latency_s * noise, 3, 0 if failed else 10,
-            None if failed else "stop", 0.1,
-        ))
+        aggregate.add(
+            RequestRecord(
+                f"r{i}",
+                "w",
+                "stable",
+                "v",
+                "error" if failed else "ok",
+                "before_first_token" if failed else None,
+                None if failed else ttft_s * noise,
+                0.01 * noise,
+                latency_s * noise,
+                3,
+                0 if failed else 10,
+                None if failed else "stop",
+                0.1,
+            )
+        )
     return aggregate
 
 
@@ -41,7 +55,13 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
     # 400 errors in all: enough to bound canary/stable below 1.5 at 1 % error rates.
     verdict = judge(arm(20_000, 200, seed=1), arm(20_000, 200, seed=2), HEALTH, 100, ALPHA)
     assert verdict.decision == "pass", verdict.reason
-    assert {c.metric for c in verdict.checks} == {"error_rate", "ttft_p95_ms", "e2e_p95_ms", "itl_p95_ms", "hallucination_rate"}
+    assert {c.metric for c in verdict.checks} == {
+        "error_rate",
+        "ttft_p95_ms",
+        "e2e_p95_ms",
+        "itl_p95_ms",
+        "hallucination_rate",
+    }
     error = verdict.checks[0]
     assert error.stats["e_value"] < error.stats["e_threshold"]
     assert error.stats["not_worse_e_value"] >= error.stats["not_worse_threshold"]

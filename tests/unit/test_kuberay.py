@@ -19,7 +19,9 @@ def test_rayservice_serve_config_is_valid_and_is_the_gpu_config():
     ServeDeploySchema.model_validate(serve_config)
     [application] = serve_config["applications"]
     config = parse_config(application["args"])
-    assert config.canary.llm_config is not None and config.canary.llm_config["engine_kwargs"]["tensor_parallel_size"] == 2
+    assert (
+        config.canary.llm_config is not None and config.canary.llm_config["engine_kwargs"]["tensor_parallel_size"] == 2
+    )
 
     gpu_config = yaml.safe_load((ROOT / "configs/canary.yaml").read_text())
     assert gpu_config["applications"] == serve_config["applications"]
@@ -28,5 +30,8 @@ def test_rayservice_serve_config_is_valid_and_is_the_gpu_config():
 def test_head_has_no_gpus_and_a_gpu_worker_group_hosts_the_arms():
     cluster = yaml.safe_load((ROOT / "deployments/kuberay/rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
-    gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]]
+    gpus = [
+        g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        for g in cluster["workerGroupSpecs"]
+    ]
     assert all(int(g) >= 2 for g in gpus)  # tensor_parallel_size 2 fits on one worker

@@ -8,8 +8,9 @@ from serve_canary.metrics import MetricsLedger, RequestRecord, Reservoir, quanti
 
 
 def record(request_id: str, arm: str = "canary", window: str = "w1", outcome: str = "ok") -> RequestRecord:
-    return RequestRecord(request_id, window, arm, "v2" if arm == "canary" else "v1", outcome, None,
-                         0.05, 0.01, 0.4, 5, 10, "stop", 0.2)
+    return RequestRecord(
+        request_id, window, arm, "v2" if arm == "canary" else "v1", outcome, None, 0.05, 0.01, 0.4, 5, 10, "stop", 0.2
+    )
 
 
 def test_quantile_matches_numpy():

@@ -17,15 +17,33 @@ def samples(exporter: PrometheusExporter) -> dict[tuple, float]:
 
 
 def record(arm: str, outcome: str = "ok", ttft: float = 0.05) -> RequestRecord:
-    return RequestRecord("r", "w", arm, "v2" if arm == "canary" else "v1", outcome,
-                         "before_first_token" if outcome == "error" else None, ttft, 0.01, 0.5, 4, 10, "stop", 0.2)
+    return RequestRecord(
+        "r",
+        "w",
+        arm,
+        "v2" if arm == "canary" else "v1",
+        outcome,
+        "before_first_token" if outcome == "error" else None,
+        ttft,
+        0.01,
+        0.5,
+        4,
+        10,
+        "stop",
+        0.2,
+    )
 
 
 def status(**overrides) -> dict:
     base = {
-        "rollout_id": "v1..v2", "attempt": 1, "phase": "early", "phase_index": 1, "status": "running",
-        "canary_weight": 0.2, "events": [], "last_verdict": {"decision": "wait", "checks": [
-            {"metric": "error_rate", "stats": {"e_value": 3.5}}]},
+        "rollout_id": "v1..v2",
+        "attempt": 1,
+        "phase": "early",
+        "phase_index": 1,
+        "status": "running",
+        "canary_weight": 0.2,
+        "events": [],
+        "last_verdict": {"decision": "wait", "checks": [{"metric": "error_rate", "stats": {"e_value": 3.5}}]},
     }
     return {**base, **overrides}
 
@@ -35,11 +53,23 @@ def test_requests_and_latencies_are_labelled_by_model_arm_version():
     exporter.record([record("canary"), record("canary", "error"), record("stable")])
     got = samples(exporter)
     canary = (("arm", "canary"), ("model", "m"), ("version", "v2"))
-    assert got[("serve_canary_requests_total", tuple(sorted(canary + (("outcome", "error"), ("error_kind", "before_first_token")))))] == 1
+    assert (
+        got[
+            (
+                "serve_canary_requests_total",
+                tuple(sorted(canary + (("outcome", "error"), ("error_kind", "before_first_token")))),
+            )
+        ]
+        == 1
+    )
     assert got[("serve_canary_requests_total", tuple(sorted(canary + (("outcome", "ok"), ("error_kind", "")))))] == 1
     assert got[("serve_canary_time_to_first_token_seconds_count", canary)] == 1  # errors have no TTFT
     assert got[("serve_canary_generation_tokens_total", canary)] == 20
-    buckets = sorted(float(dict(labels)["le"]) for (name, labels) in got if name == "serve_canary_time_to_first_token_seconds_bucket" and dict(labels)["arm"] == "canary")
+    buckets = sorted(
+        float(dict(labels)["le"])
+        for (name, labels) in got
+        if name == "serve_canary_time_to_first_token_seconds_bucket" and dict(labels)["arm"] == "canary"
+    )
     assert buckets[:-1] == list(TTFT_BUCKETS)
 
 

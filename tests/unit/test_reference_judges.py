@@ -11,7 +11,9 @@ from scipy.stats import mannwhitneyu
 from benchmarks.judges import binary_mannwhitney_p, hodges_lehmann
 
 
-@pytest.mark.parametrize(("x_s", "n_s", "x_c", "n_c"), [(10, 1000, 20, 1000), (57, 5700, 6, 300), (5, 200, 1, 50), (0, 100, 3, 100)])
+@pytest.mark.parametrize(
+    ("x_s", "n_s", "x_c", "n_c"), [(10, 1000, 20, 1000), (57, 5700, 6, 300), (5, 200, 1, 50), (0, 100, 3, 100)]
+)
 def test_binary_mann_whitney_from_counts_matches_scipy(x_s, n_s, x_c, n_c):
     stable = np.r_[np.ones(x_s), np.zeros(n_s - x_s)]
     canary = np.r_[np.ones(x_c), np.zeros(n_c - x_c)]

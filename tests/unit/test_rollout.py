@@ -54,7 +54,13 @@ def test_pass_after_min_duration_promotes_and_opens_a_new_window():
     assert promoted.table_version == state.table_version + 1
     event = promoted.events[-1]
     assert (event.action, event.from_status, event.to_status, event.phase, event.weight, event.at) == (
-        "promote", "running", "running", "early", 0.2, 10)
+        "promote",
+        "running",
+        "running",
+        "early",
+        0.2,
+        10,
+    )
 
 
 def test_approval_gate_holds_until_approved_then_completes():

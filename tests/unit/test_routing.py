@@ -17,8 +17,15 @@ KEYS = [f"user-{i}" for i in range(100_000)]
 
 def table(weight: float, salt: str = "rollout-1") -> RoutingTable:
     return RoutingTable(
-        version=1, rollout_id="r", window="w", salt=salt, canary_weight=weight,
-        stable_version="v1", canary_version="v2", phase="p", status="running",
+        version=1,
+        rollout_id="r",
+        window="w",
+        salt=salt,
+        canary_weight=weight,
+        stable_version="v1",
+        canary_version="v2",
+        phase="p",
+        status="running",
     )
 
 
@@ -60,8 +67,13 @@ def test_same_key_same_arm_in_a_separate_process():
         f"print(''.join('c' if t.arm_for(f'user-{{i}}')=='canary' else 's' for i in range({len(sample)})))"
     )
     # A fresh interpreter with a different hash seed: `hash()` would differ, blake2b must not.
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+    ).stdout.strip()
     assert there == here
 
 

@@ -22,10 +22,15 @@ def test_prior_weights_sum_to_one():
     assert math.isclose(sum(RHO_WEIGHTS), 1.0)
 
 
-@pytest.mark.parametrize(("canary", "stable", "share"), [(0, 0, 0.05), (3, 57, 0.05), (30, 70, 0.2), (40, 60, 0.5), (9, 1, 0.5)])
+@pytest.mark.parametrize(
+    ("canary", "stable", "share"), [(0, 0, 0.05), (3, 57, 0.05), (30, 70, 0.2), (40, 60, 0.5), (9, 1, 0.5)]
+)
 def test_e_value_is_the_grid_mixture_of_binomial_likelihood_ratios(canary, stable, share):
     m = canary + stable
-    expected = sum(w * binom.pmf(canary, m, share_to_theta(rho, share)) / binom.pmf(canary, m, share) for rho, w in zip(RHO_GRID, RHO_WEIGHTS))
+    expected = sum(
+        w * binom.pmf(canary, m, share_to_theta(rho, share)) / binom.pmf(canary, m, share)
+        for rho, w in zip(RHO_GRID, RHO_WEIGHTS)
+    )
     assert math.isclose(ratio_e_value([(canary, stable, share)]), expected, rel_tol=1e-9)
 
 
@@ -100,8 +105,11 @@ def test_quantile_margin_shrinks_and_covers_at_every_look(level):
 def test_segments_multiply_likelihood_ratios_across_shares():
     one = ratio_e_value([(3, 57, 0.05), (30, 70, 0.2)])
     expected = sum(
-        w * binom.pmf(3, 60, share_to_theta(rho, 0.05)) / binom.pmf(3, 60, 0.05)
-        * binom.pmf(30, 100, share_to_theta(rho, 0.2)) / binom.pmf(30, 100, 0.2)
+        w
+        * binom.pmf(3, 60, share_to_theta(rho, 0.05))
+        / binom.pmf(3, 60, 0.05)
+        * binom.pmf(30, 100, share_to_theta(rho, 0.2))
+        / binom.pmf(30, 100, 0.2)
         for rho, w in zip(RHO_GRID, RHO_WEIGHTS)
     )
     assert math.isclose(one, expected, rel_tol=1e-9)

@@ -114,7 +114,8 @@ async def test_canary_failure_before_first_token_fails_over_and_is_held_against_
     served, records = await call(chat(), weight=1.0, endpoints=arms(canary={"error_rate": 1.0}))
     assert served.arm == "stable"
     assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
-        ("canary", "error", "before_first_token"), ("stable", "ok", None),
+        ("canary", "error", "before_first_token"),
+        ("stable", "ok", None),
     ]
 
 
@@ -136,7 +137,9 @@ async def test_a_client_error_is_recorded_as_rejected():
     endpoints = arms(canary={"max_model_len": 8})
     records: list[RequestRecord] = []
     with pytest.raises(OpenAIError):
-        await serve_request("chat", chat(max_tokens=7), "k", table(1.0), endpoints, records.append, request_id="x", failover=True)
+        await serve_request(
+            "chat", chat(max_tokens=7), "k", table(1.0), endpoints, records.append, request_id="x", failover=True
+        )
     assert [(r.arm, r.outcome) for r in records] == [("canary", "rejected")]
 
 

@@ -14,7 +14,9 @@ from serve_canary.openai_api import ChatCompletionRequest, CompletionRequest, Er
 
 
 def completion(max_tokens: int | None = None, stream: bool = True, **kwargs) -> CompletionRequest:
-    return CompletionRequest(model="m", request_id="r", prompt="one two three", max_tokens=max_tokens, stream=stream, **kwargs)
+    return CompletionRequest(
+        model="m", request_id="r", prompt="one two three", max_tokens=max_tokens, stream=stream, **kwargs
+    )
 
 
 def events(items: list) -> list[dict]:
@@ -36,7 +38,11 @@ async def test_streams_one_event_per_token_with_ttft_and_itl():
     assert items[-1] == "data: [DONE]\n\n"
     chunks = events(items)
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * 5 + ["stop"]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 6,
+        "total_tokens": 9,
+    }
     assert stamps[0] >= 0.060
     gaps = [b - a for a, b in zip(stamps, stamps[1:6])]
     assert min(gaps) >= 0.015
@@ -53,8 +59,14 @@ async def test_max_tokens_caps_output_and_reports_length():
 async def test_chat_stream_starts_with_the_role_and_counts_every_message():
     engine = SimulatedEngine("m", SimulatedEngineArgs(ttft_ms=0, itl_ms=0, output_tokens=1))
     request = ChatCompletionRequest(
-        model="m", request_id="r", stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        model="m",
+        request_id="r",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
     )
     chunks = events((await collect(engine, request))[0])
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -89,7 +101,9 @@ async def test_a_prompt_longer_than_the_context_is_a_client_error():
 
 async def test_same_seed_same_faults():
     async def pattern(seed: int) -> list[bool]:
-        engine = SimulatedEngine("m", SimulatedEngineArgs(ttft_ms=0, itl_ms=0, output_tokens=1, error_rate=0.5, seed=seed))
+        engine = SimulatedEngine(
+            "m", SimulatedEngineArgs(ttft_ms=0, itl_ms=0, output_tokens=1, error_rate=0.5, seed=seed)
+        )
         return [not isinstance((await collect(engine, completion()))[0][0], ErrorResponse) for _ in range(50)]
 
     assert await pattern(3) == await pattern(3)
