@@ -360,11 +360,8 @@ def chart(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--trials", type=int, default=3)
-    args = parser.parse_args()
+def start_local_serve() -> int:
+    """A local 2-CPU cluster with Serve's proxy on a free port (returned)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The local cluster's workers inherit this, so Serve can import the baseline app from here.
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -380,6 +377,15 @@ def main() -> None:
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--trials", type=int, default=3)
+    args = parser.parse_args()
+    port = start_local_serve()
     try:
         deploy(port, ZERO, ingress_replicas=2)
         results = asyncio.run(run(args, port))

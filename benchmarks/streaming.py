@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import psutil
 import ray
 from ray import serve
 
-from benchmarks.routing_overhead import MODEL, _arm_request, body, deploy, free_port
+from benchmarks.routing_overhead import MODEL, _arm_request, body, deploy, start_local_serve
 from serve_canary.batching import DEFAULT_INTERVAL_MS
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,69 +97,57 @@ def _token_events(block: str) -> int:
     return sum(1 for event in block.split("\n\n") if event.startswith("data: {"))
 
 
-async def http_trial(
-    http: httpx.AsyncClient, port: int, app: str, prefix: str, streams: int, vllm: bool = False
+async def _measure(
+    streams: int, open_stream: Callable[[int], AsyncIterator[Any]], count: Callable[[Any], int], app: str | None
 ) -> dict:
+    """Run `streams` streams at once; time each message that carries tokens, and the CPU of
+    `app`'s ingress replicas."""
     meter = Meter()
-    processes = _ingress_processes(app)
+    processes = _ingress_processes(app) if app else []
 
     async def one(i: int) -> None:
         arrivals: list[tuple[float, int]] = []
         started = time.perf_counter()
-        url = f"http://127.0.0.1:{port}/{prefix}/v1/completions"
-        payload = {**body(i, True, TOKENS), "ignore_eos": True} if vllm else body(i, True, TOKENS)
-        async with http.stream("POST", url, json=payload) as response:
-            async for block in response.aiter_text():
-                count = _token_events(block)
-                if count:
-                    arrivals.append((time.perf_counter(), count))
+        async for message in open_stream(i):
+            tokens = count(message)
+            if tokens:
+                arrivals.append((time.perf_counter(), tokens))
         meter.stream(started, arrivals)
 
     cpu_before = _cpu_seconds(processes)
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(streams)))
     elapsed = time.perf_counter() - started
-    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before)
+    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before if app else None)
+
+
+async def http_trial(
+    http: httpx.AsyncClient, port: int, app: str, prefix: str, streams: int, vllm: bool = False
+) -> dict:
+    async def open_stream(i: int) -> AsyncIterator[str]:
+        payload = {**body(i, True, TOKENS), "ignore_eos": True} if vllm else body(i, True, TOKENS)
+        async with http.stream("POST", f"http://127.0.0.1:{port}/{prefix}/v1/completions", json=payload) as response:
+            async for block in response.aiter_text():
+                yield block
+
+    return await _measure(streams, open_stream, _token_events, app)
 
 
 async def handle_trial(app: str, method: str, streams: int) -> dict:
     """Through an ingress by its Python handle (no proxy, no HTTP client): the ingress's own cost."""
     handle = getattr(serve.get_app_handle(app).options(stream=True), method)
-    meter = Meter()
-    processes = _ingress_processes(app)
-
-    async def one(i: int) -> None:
-        arrivals: list[tuple[float, int]] = []
-        started = time.perf_counter()
-        async for block in handle.remote(body(i, True, TOKENS)):
-            count = _token_events(block)
-            if count:
-                arrivals.append((time.perf_counter(), count))
-        meter.stream(started, arrivals)
-
-    cpu_before = _cpu_seconds(processes)
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(streams)))
-    elapsed = time.perf_counter() - started
-    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before)
+    return await _measure(streams, lambda i: handle.remote(body(i, True, TOKENS)), _token_events, app)
 
 
 async def direct_trial(streams: int, app: str = "baseline", request: Any = None) -> dict:
     handle = serve.get_deployment_handle("stable", app_name=app).options(stream=True)
-    meter = Meter()
 
-    async def one(i: int) -> None:
-        arrivals: list[tuple[float, int]] = []
-        started = time.perf_counter()
-        async for batch in handle.completions.remote(request or _arm_request(body(i, True, TOKENS))):
-            count = sum(1 for item in batch if item.startswith("data: {"))
-            if count:
-                arrivals.append((time.perf_counter(), count))
-        meter.stream(started, arrivals)
+    def count(batch: list[str]) -> int:
+        return sum(1 for item in batch if item.startswith("data: {"))
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(streams)))
-    return meter.summary(time.perf_counter() - started, None)
+    return await _measure(
+        streams, lambda i: handle.completions.remote(request or _arm_request(body(i, True, TOKENS))), count, None
+    )
 
 
 def _median(trials: list[dict]) -> dict:
@@ -296,20 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
-    )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-        namespace="serve_canary",
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     trials = 1 if args.quick else args.trials
     try:
         if args.vllm:

@@ -3,8 +3,8 @@ user's `LLMConfig`, with three changes a canary needs.
 
 - Stream batching with the first-item rule (`serve_canary.batching`): `LLMServer` holds even
   the first token for its 50 ms interval, which a canary would report as slower TTFT.
-- Warm-up: the replica answers one generation before its constructor returns, so Serve never
-  routes users to a cold engine (a cold engine's first requests take seconds and would be
+- Warm-up: the replica answers a completion and a chat before its constructor returns, so
+  Serve never routes users to a cold engine (a cold engine's first requests take seconds and would be
   judged as a slow canary).
 - Shutdown: the vLLM engine (and its worker processes) stops with the replica, so a GPU is
   free for the replacement at once.
@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
-from ray.serve.llm.openai_api_models import CompletionRequest
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
 
@@ -37,14 +37,24 @@ class CanaryLLMServer(LLMServer):
         await super().start()
         started = time.perf_counter()
         model_id = self._llm_config.model_id
-        request = CompletionRequest.model_validate(
+        completion = CompletionRequest.model_validate(
             {"model": model_id, "prompt": WARM_UP_PROMPT, "max_tokens": 1, "temperature": 0.0}
         )
-        async for item in await self.completions(request):
+        await self._warm_up(await self.completions(completion), model_id, required=True)
+        # The chat path has cold costs of its own (template rendering: ~2 s on the first call
+        # here); a model without a chat template answers 400, which is fine.
+        chat = ChatCompletionRequest.model_validate(
+            {"model": model_id, "messages": [{"role": "user", "content": WARM_UP_PROMPT}], "max_tokens": 1}
+        )
+        await self._warm_up(await self.chat(chat), model_id, required=False)
+        logger.info("%s answered its warm-up generations in %.2f s", model_id, time.perf_counter() - started)
+
+    @staticmethod
+    async def _warm_up(stream: AsyncIterator[Any], model_id: str, required: bool) -> None:
+        async for item in stream:
             error = getattr(item, "error", None)
-            if error is not None:
+            if error is not None and (required or int(error.code) >= 500):
                 raise RuntimeError(f"warm-up generation of {model_id} failed: {error.message}")
-        logger.info("%s answered its warm-up generation in %.2f s", model_id, time.perf_counter() - started)
 
     def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncIterator[list[Any]]:  # type: ignore[override]
         interval_ms = self._llm_config.experimental_configs.get("stream_batching_interval_ms", DEFAULT_INTERVAL_MS)

@@ -58,10 +58,13 @@ def vllm_app(cluster: dict[str, Any]) -> Iterator[App]:
         # Two engines share 2 cores with the ingress, the proxy and the clients, so per-arm
         # latency differences here are scheduling, not the models. These tests judge errors: a
         # tiny α asks overwhelming evidence of any rollback (a dead engine gives it within a few
-        # dozen requests), and latency passes within a wide tolerance.
+        # dozen requests), and latency passes within wide limits (a handful of samples' p95 is
+        # their maximum, so one slow request would breach an absolute limit: #12).
         "health": {
             "alpha": 1e-6,
             "max_error_rate": 0.2,
+            "max_ttft_ms": 60_000,
+            "max_latency_ms": 60_000,
             "max_ttft_increase": 20.0,
             "max_latency_increase": 20.0,
             "max_itl_increase": 20.0,
@@ -90,7 +93,7 @@ def status_is(app: App, *statuses: str):
 def test_a_healthy_vllm_canary_walks_the_phases_to_the_approval_gate(vllm_app):
     with background_traffic(vllm_app, concurrency=8, body=TRAFFIC) as outcomes:
         status = wait_for(status_is(vllm_app, "awaiting_approval", "rolled_back"), 240, "the approval gate")
-    assert status["status"] == "awaiting_approval", status["events"]
+    assert status["status"] == "awaiting_approval", [(e["action"], e["reason"]) for e in status["events"]]
     assert [e["action"] for e in status["events"]] == ["start", "promote", "promote", "await_approval"]
     assert set(outcomes) == {"200"}
 
