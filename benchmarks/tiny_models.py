@@ -1,4 +1,4 @@
-"""Make two tiny Llama models on disk for vLLM's CPU build: no model hub, ~1.5 MB each.
+"""Make two tiny Llama models on disk for vLLM's CPU build: no model hub, ~0.5 MB each.
 
     python -m benchmarks.tiny_models DIR
 

@@ -226,8 +226,12 @@ async def serve_request(
             502, f"model version {endpoint.version} failed before its first token: {message}", "server_error"
         )
     if not envelope.stream:
-        await _close(stream)
-        return Served(arm, endpoint.version, attempt.request_id, body=_unary(first, endpoint, attempt, record))
+        body = _unary(first, endpoint, attempt, record)
+        # Drain, not close: the end of a one-item stream is already on its way, and closing it
+        # early would cost a cancellation message per request.
+        async for _ in stream:
+            pass
+        return Served(arm, endpoint.version, attempt.request_id, body=body)
     return Served(
         arm, endpoint.version, attempt.request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage)
     )
