@@ -30,7 +30,7 @@ from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_request
 from serve_canary.rollout import TransitionError
 from serve_canary.routing import Arm, RoutingTable
-from serve_canary.serving import ArmEndpoint, Kind, Served, serve_request
+from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
 
 ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"
 FLUSH_INTERVAL_S = 0.5
@@ -61,11 +61,6 @@ async def _json_body(request: Request) -> Any:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise OpenAIError(400, "the request body is not valid JSON") from None
-
-
-def _failure_message(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
 def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
@@ -139,7 +134,7 @@ class CanaryIngress:
                 backoff = 0.1
             except Exception as exc:
                 logger.warning(
-                    "controller unreachable (%s); routing on table v%d", _failure_message(exc), self._table.version
+                    "controller unreachable (%s); routing on table v%d", failure_message(exc), self._table.version
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -78,7 +78,8 @@ def _error_of(item: Any) -> tuple[int, str] | None:
     return int(getattr(error, "code", 500) or 500), str(getattr(error, "message", error))
 
 
-def _failure(exc: BaseException) -> str:
+def failure_message(exc: BaseException) -> str:
+    """`Type: first line` of an exception, or of the cause a Ray error wraps."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).splitlines()[0] if str(cause) else ""
     return f"{type(cause).__name__}: {text}"
@@ -207,7 +208,7 @@ async def serve_request(
         try:
             first = await stream.__anext__()
         except Exception as exc:
-            failure: tuple[int, str] | None = (502, _failure(exc))
+            failure: tuple[int, str] | None = (502, failure_message(exc))
         else:
             attempt.first_at = attempt.last_at = clock()
             failure = _error_of(first[0] if isinstance(first, list) and first else first)
@@ -260,7 +261,8 @@ async def _relay(
     """Yield each batch as one SSE block; record the stream when it ends, however it ends."""
     tail = _StreamTail()
     received = 0
-    outcome, error_kind = "cancelled", None
+    finished = False
+    outcome, error_kind = "ok", None
     try:
         batch: list[Any] | None = first
         while batch is not None:
@@ -283,17 +285,18 @@ async def _relay(
                 attempt.last_at = attempt.clock()
             except StopAsyncIteration:
                 batch = None
-        if outcome == "cancelled":
-            outcome = "ok"
+        finished = True
     except Exception as exc:
+        finished = True
         outcome, error_kind = "error", "midstream"
-        message = _failure(exc)
+        message = failure_message(exc)
         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n"
     finally:
         prompt, completion, finish = tail.summary()
-        if outcome == "ok":
-            outcome, error_kind = _outcome([finish] if finish else [])
-        if outcome == "cancelled":
+        if not finished:  # the client went away: cancel the generation, even after an error event
             await _close(stream)
-            completion = completion or received
+            if outcome == "ok":
+                outcome, completion = "cancelled", completion or received
+        elif outcome == "ok":
+            outcome, error_kind = _outcome([finish] if finish else [])
         record(attempt.record(outcome, error_kind, prompt, completion, finish))
