@@ -21,23 +21,21 @@ def _arm_deployment(name: str, arm: ArmConfig) -> Application:
     imported only here, and only for an arm that has an `llm_config`."""
     try:
         if arm.llm_config is None:
-            from serve_canary.engines.simulated import SimulatedEngineArgs, SimulatedServer
+            from serve_canary.engines.simulated import SimulatedServer
 
-            SimulatedEngineArgs.model_validate(arm.engine_args)
             deployment = serve.deployment(SimulatedServer, name=name, **SIMULATED_DEPLOYMENT_OPTIONS)
-            return deployment.bind(arm.model_id, arm.engine_args)  # type: ignore[attr-defined]
+            return deployment.bind(arm.model_id, arm.engine_args.model_dump())  # type: ignore[attr-defined,no-any-return]
         from serve_canary.engines.llm import build_arm
 
         return build_arm(name, arm.llm_config)
-    except ValidationError as exc:
-        field = "engine_args" if arm.llm_config is None else "llm_config"
-        raise ConfigError(format_errors(exc, prefix=f"{name}.{field}")) from None
+    except ValidationError as exc:  # LLMConfig's own validation of the llm_config
+        raise ConfigError(format_errors(exc, prefix=f"{name}.llm_config")) from None
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the args, then bind the ingress to a stable and a canary model deployment."""
     config: CanaryConfig = parse_config(args)
-    return CanaryIngress.bind(  # type: ignore[attr-defined]
+    return CanaryIngress.bind(  # type: ignore[attr-defined,no-any-return]
         _arm_deployment("stable", config.stable),
         _arm_deployment("canary", config.canary),
         config.model_dump(mode="json"),

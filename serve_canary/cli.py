@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -19,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from serve_canary.rollout import TransitionError
+from serve_canary.status import RolloutStatus
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,63 +44,57 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-def status_view(status: dict[str, Any]) -> Group:
+def status_view(status: RolloutStatus) -> Group:
     """The rollout at a glance: phases, weight, what it waits for, the verdict, recent events."""
     phases = Text()
-    for i, phase in enumerate(status["phases"]):
-        label = f" {phase['name']} {phase['weight']:.0%}{' ✋' if phase['approval'] else ''} "
-        style = (
-            "bold white on blue" if i == status["phase_index"] else ("green" if i < status["phase_index"] else "dim")
-        )
+    for i, phase in enumerate(status.phases):
+        label = f" {phase.name} {phase.weight:.0%}{' ✋' if phase.approval else ''} "
+        style = "bold white on blue" if i == status.phase_index else ("green" if i < status.phase_index else "dim")
         phases.append(label, style=style)
-        if i < len(status["phases"]) - 1:
+        if i < len(status.phases) - 1:
             phases.append(" → ", style="dim")
     header = Text.assemble(
-        (f"{status['app']} ", "bold"),
-        f"{status['stable_version']} → {status['canary_version']} ",
-        (f"(rollout {status['rollout_id']}, attempt {status['attempt']})", "dim"),
+        (f"{status.app} ", "bold"),
+        f"{status.stable_version} → {status.canary_version} ",
+        (f"(rollout {status.rollout_id}, attempt {status.attempt})", "dim"),
     )
     facts = Text.assemble(
         "status ",
-        (status["status"], "bold red" if status["status"] == "rolled_back" else "bold"),
+        (status.status, "bold red" if status.status == "rolled_back" else "bold"),
         "   canary weight ",
-        (f"{status['canary_weight']:.0%}", "bold"),
-        f"   time in phase {status['time_in_phase_s']:.0f} s",
+        (f"{status.canary_weight:.0%}", "bold"),
+        f"   time in phase {status.time_in_phase_s:.0f} s",
     )
     parts: list[Any] = [header, phases, facts]
-    if status["waiting_for"]:
-        parts.append(Text(f"waiting for: {status['waiting_for']}", style="yellow"))
-    verdict = status.get("last_verdict")
+    if status.waiting_for:
+        parts.append(Text(f"waiting for: {status.waiting_for}", style="yellow"))
+    verdict = status.last_verdict
     if verdict:
-        table = Table(
-            title=f"verdict {verdict['decision'].upper()}: {verdict['reason']}", title_justify="left", expand=True
-        )
+        table = Table(title=f"verdict {verdict.decision.upper()}: {verdict.reason}", title_justify="left", expand=True)
         for column in ("metric", "stable", "canary", "allowed", "e-value", "decision"):
             table.add_column(column)
         colours = {"pass": "green", "wait": "yellow", "fail": "bold red"}
-        for check in verdict["checks"]:
+        for check in verdict.checks:
             table.add_row(
-                check["metric"],
-                _fmt(check["stable"]),
-                _fmt(check["canary"]),
-                _fmt(check["limit"]),
-                _fmt(check["stats"].get("e_value")),
-                Text(check["decision"], style=colours[check["decision"]]),
+                check.metric,
+                _fmt(check.stable),
+                _fmt(check.canary),
+                _fmt(check.limit),
+                _fmt(check.stats.e_value if check.stats else None),
+                Text(check.decision, style=colours[check.decision]),
             )
         parts.append(table)
     events = Table(title="recent events", title_justify="left", expand=True)
     for column in ("at", "action", "to", "phase", "weight", "reason"):
         events.add_column(column)
-    for event in status["events"][-8:]:
-        at = datetime.fromtimestamp(event["at"]).strftime("%H:%M:%S")
-        events.add_row(
-            at, event["action"], event["to_status"], event["phase"], f"{event['weight']:.0%}", event["reason"]
-        )
+    for event in status.events[-8:]:
+        at = datetime.fromtimestamp(event.at).strftime("%H:%M:%S")
+        events.add_row(at, event.action, event.to_status, event.phase, f"{event.weight:.0%}", event.reason)
     parts.append(events)
     return Group(*parts)
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+async def _run(args: argparse.Namespace) -> RolloutStatus:
     from serve_canary.controller import ControllerClient
 
     client = ControllerClient.for_app(args.app)
@@ -111,7 +105,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             while True:
                 await asyncio.sleep(args.interval)
                 live.update(status_view(await client.status()), refresh=True)
-    return await getattr(client, args.command)()
+    status: RolloutStatus = await getattr(client, args.command)()
+    return status
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -141,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve-canary: no rollout found for app {args.app!r}: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(status.model_dump_json(indent=2))
     else:
         Console().print(status_view(status))
     return 0

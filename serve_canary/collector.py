@@ -5,13 +5,13 @@ Ingress replicas send it batches fire-and-forget; the controller reads a window 
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
 
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 from serve_canary.prometheus import PrometheusExporter
+from serve_canary.rollout import Event
 from serve_canary.routing import Arm
+from serve_canary.status import RolloutStatus
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -24,9 +24,9 @@ class MetricsCollector:
         self._ledger.add(records)
         self._exporter.record(records)
 
-    def rollout(self, status: dict[str, Any]) -> None:
-        """The controller's latest status, for the rollout gauges."""
-        self._exporter.rollout(status)
+    def rollout(self, status: RolloutStatus, transition: Event | None) -> None:
+        """The controller's latest status and the transition that made it, if any."""
+        self._exporter.rollout(status, transition)
 
     def prometheus(self) -> bytes:
         return self._exporter.exposition()
@@ -34,10 +34,7 @@ class MetricsCollector:
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         return self._ledger.window(window)
 
-    def windows(self, windows: list[str]) -> list[dict[Arm, ArmAggregate]]:
-        return [self._ledger.window(window) for window in windows]
-
-    def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict | None:
+    def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict[str, str] | None:
         """Attribute feedback to the arm that served the request; None when the id is unknown."""
         attribution = self._ledger.add_feedback(request_id, rating, hallucination)
         if attribution is None:

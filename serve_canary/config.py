@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_canary.batching import DEFAULT_INTERVAL_MS
+
 
 class ConfigError(ValueError):
     """A bad application argument; the message names each offending key."""
@@ -19,13 +21,27 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SimulatedEngineArgs(_Schema):
+    """The simulated engine's knobs; times in milliseconds, rates in [0, 1]."""
+
+    ttft_ms: float = Field(default=50.0, ge=0.0)
+    itl_ms: float = Field(default=10.0, ge=0.0)
+    jitter: float = Field(default=0.1, ge=0.0, le=1.0, description="each delay × uniform(1 ± jitter)")
+    output_tokens: int = Field(default=32, ge=1)
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail before the first token")
+    midstream_error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail halfway")
+    max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
+    stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
+    seed: int | None = None
+
+
 class ArmConfig(_Schema):
     """One model version the ingress can route to: a simulated engine, or a Ray Serve LLM
     `LLMConfig` (vLLM), written exactly as a Ray Serve LLM user writes it."""
 
     version: str | None = Field(default=None, min_length=1, description="default: the llm_config's model id")
     engine: Literal["simulated"] | None = None
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_args: SimulatedEngineArgs = Field(default_factory=SimulatedEngineArgs)
     llm_config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -35,7 +51,7 @@ class ArmConfig(_Schema):
                 "give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither"
             )
         if self.llm_config is not None:
-            if self.engine_args:
+            if "engine_args" in self.model_fields_set:
                 raise ValueError("engine_args are for the simulated engine; vLLM takes llm_config.engine_kwargs")
             loading = self.llm_config.get("model_loading_config")
             if not isinstance(loading, dict) or not isinstance(loading.get("model_id"), str):

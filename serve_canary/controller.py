@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import RayTaskError
 
 from serve_canary import rollout
 from serve_canary.collector import MetricsCollector
 from serve_canary.config import CanaryConfig
 from serve_canary.judge import Verdict, judge
-from serve_canary.rollout import RolloutState, TransitionError
-from serve_canary.routing import RoutingTable
+from serve_canary.metrics import ArmSummary
+from serve_canary.rollout import Event, RolloutState, TransitionError
+from serve_canary.routing import Arm, RoutingTable
+from serve_canary.status import RolloutStatus, describe
 from serve_canary.store import open_store
 
 NAMESPACE = "serve_canary"
-RECENT_EVENTS = 20
+T = TypeVar("T")
 logger = logging.getLogger("serve_canary.controller")
 
 
@@ -68,19 +72,20 @@ class RolloutController:
         persisted = self._store.load()
         self._config = CanaryConfig.model_validate(persisted["config"] if persisted else config)
         self._state: RolloutState | None = RolloutState.model_validate(persisted["state"]) if persisted else None
+        self._table: RoutingTable | None = table_for(self._state, self._config) if self._state else None
         self._changed = asyncio.Event()
         # Held from reading the state to publishing its successor, so that no transition is
         # computed from a state that another one is replacing.
         self._transition = asyncio.Lock()
         self._last_verdict: Verdict | None = None
-        self._last_window: dict[str, dict] | None = None
+        self._last_window: dict[Arm, ArmSummary] | None = None
         self._evaluated_at: float | None = None
         await self.configure(self._config.model_dump(mode="json"))
         self._loop = asyncio.get_running_loop().create_task(self._evaluate_forever())
 
     # -- state ----------------------------------------------------------------------------
 
-    async def _commit(self, state: RolloutState) -> dict[str, Any]:
+    async def _commit(self, state: RolloutState) -> RolloutStatus:
         """Persist, then publish: a table is never visible unless its state is durable.
         Returns the published status. Callers hold `self._transition`.
         """
@@ -93,33 +98,30 @@ class RolloutController:
         self._changed.set()
         self._changed = asyncio.Event()
         logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
-        return self._publish_status()
+        return self._publish_status(state.events[-1])
 
-    def _publish_status(self) -> dict[str, Any]:
-        """Send the status to the collector (fire-and-forget, for the Prometheus gauges); return it."""
+    def _publish_status(self, transition: Event | None) -> RolloutStatus:
+        """Send the status (and the transition just made) to the collector, fire-and-forget,
+        for the Prometheus gauges and counters; return it."""
         status = self.status()
-        self._collector.rollout.remote(status)
+        self._collector.rollout.remote(status, transition)
         return status
 
     async def configure(self, config: dict[str, Any]) -> None:
-        """Adopt a (re)deployed config: a new version pair starts a new rollout."""
+        """Adopt a (re)deployed config: a new version pair starts a new rollout, a changed
+        config for the same pair is a `configure` transition, the same config changes nothing."""
+        new_config = CanaryConfig.model_validate(config)
         async with self._transition:
-            self._config = CanaryConfig.model_validate(config)
-            phases = self._config.rollout.phases
-            rollout_id = rollout_id_for(self._config)
-            previous = self._state
+            previous, rollout_id, now = self._state, rollout_id_for(new_config), time.time()
+            if previous is not None and previous.rollout_id == rollout_id and new_config == self._config:
+                return
+            phases, self._config = new_config.rollout.phases, new_config
             if previous is None or previous.rollout_id != rollout_id:
-                state = rollout.start(
-                    rollout_id,
-                    self._config.stable.served_version,
-                    self._config.canary.served_version,
-                    phases,
-                    time.time(),
-                )
-                if previous is not None:
-                    state = state.model_copy(update={"table_version": previous.table_version + 1})
+                table_version = 1 if previous is None else previous.table_version + 1
+                stable, canary = new_config.stable.served_version, new_config.canary.served_version
+                state = rollout.start(rollout_id, stable, canary, phases, now, table_version)
             else:
-                state = previous.model_copy(update={"phase_index": min(previous.phase_index, len(phases) - 1)})
+                state = rollout.reconfigure(previous, phases, now, latest=self._last_verdict)
             await self._commit(state)
 
     # -- evaluation -----------------------------------------------------------------------
@@ -137,31 +139,31 @@ class RolloutController:
         assert self._state is not None, "configure() runs before any other call"
         return self._state
 
-    async def evaluate(self) -> dict[str, Any]:
-        """Judge the current window once and apply the verdict."""
+    async def evaluate(self) -> RolloutStatus:
+        """Judge the current window (with the evidence of the attempt's closed ones) and apply
+        the verdict."""
         state = self._current
-        if state.status in ("rolled_back", "complete"):
-            return self.status()
-        windows = await self._collector.windows.remote(state.attempt_windows)
+        if state.terminal:  # nothing to judge; the gauges stay current (also for a restarted collector)
+            return self._publish_status(None)
+        window = await self._collector.window.remote(state.window)
         async with self._transition:
             if self._state is not state:  # an operator command moved the rollout meanwhile
                 return self.status()
-            window, earlier = windows[-1], [(w["stable"], w["canary"]) for w in windows[:-1]]
-            health, phase = self._config.health, self._config.rollout.phases[state.phase_index]
-            verdict = judge(window["stable"], window["canary"], health, phase.min_requests, health.alpha, earlier)
+            health, phases = self._config.health, self._config.rollout.phases
+            min_requests = phases[state.phase_index].min_requests
+            verdict = judge(window["stable"], window["canary"], health, min_requests, health.alpha, state.evidence)
             self._last_verdict, self._evaluated_at = verdict, time.time()
             self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
-            new_state = rollout.evaluate(
-                state, verdict, self._config.rollout.phases, self._evaluated_at, self._config.rollout.auto_rollback
-            )
+            new_state = rollout.evaluate(state, verdict, phases, self._evaluated_at, self._config.rollout.auto_rollback)
             if new_state is state:
-                return self._publish_status()
+                return self._publish_status(None)
             return await self._commit(new_state)
 
     # -- routing ----------------------------------------------------------------------------
 
     async def get_table(self, known_version: int, timeout_s: float) -> RoutingTable:
         """Long-poll: return at once if the table moved past `known_version`, else on change or timeout."""
+        assert self._table is not None, "configure() runs before any other call"
         if self._table.version == known_version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
@@ -171,75 +173,45 @@ class RolloutController:
 
     # -- operator commands ----------------------------------------------------------------
 
-    async def _command(self, transition, *args: Any) -> dict[str, Any]:
+    async def _command(self, transition: Callable[..., RolloutState], *args: Any) -> RolloutStatus:
         async with self._transition:
-            return await self._commit(transition(self._state, self._config.rollout.phases, time.time(), *args))
+            phases, latest = self._config.rollout.phases, self._last_verdict
+            return await self._commit(transition(self._current, phases, time.time(), *args, latest=latest))
 
-    async def pause(self, reason: str) -> dict[str, Any]:
+    async def pause(self, reason: str) -> RolloutStatus:
         return await self._command(rollout.pause, reason)
 
-    async def resume(self) -> dict[str, Any]:
+    async def resume(self) -> RolloutStatus:
         return await self._command(rollout.resume)
 
-    async def approve(self) -> dict[str, Any]:
+    async def approve(self) -> RolloutStatus:
         return await self._command(rollout.approve)
 
-    async def rollback(self, reason: str) -> dict[str, Any]:
+    async def rollback(self, reason: str) -> RolloutStatus:
         return await self._command(rollout.rollback, reason)
 
-    async def restart(self) -> dict[str, Any]:
+    async def restart(self) -> RolloutStatus:
         return await self._command(rollout.restart)
 
-    async def set_weight(self, weight: float) -> dict[str, Any]:
+    async def set_weight(self, weight: float) -> RolloutStatus:
         return await self._command(rollout.set_weight, weight)
 
     # -- status -------------------------------------------------------------------------------
 
-    def _waiting_for(self, now: float) -> str | None:
-        state, phases = self._current, self._config.rollout.phases
-        phase = phases[state.phase_index]
-        if state.status == "complete":
-            return None
-        if state.status == "rolled_back":
-            return "an operator restart (rolled back)"
-        if state.status == "paused":
-            return "an operator resume (automation paused)"
-        if state.status == "awaiting_approval":
-            return f"operator approval to enter phase {phases[state.phase_index + 1].name}"
-        if self._last_verdict is None:
-            return "the first evaluation of this phase"
-        if self._last_verdict.decision != "pass":
-            return self._last_verdict.reason
-        remaining = phase.min_duration_s - (now - state.phase_started_at)
-        return f"{remaining:.0f} s more in phase {phase.name} (min_duration_s {phase.min_duration_s:g})"
-
-    def status(self) -> dict[str, Any]:
-        state, phases, now = self._current, self._config.rollout.phases, time.time()
-        phase = phases[state.phase_index]
-        return {
-            "app": self._app_name,
-            "model": self._config.model_name,
-            "rollout_id": state.rollout_id,
-            "attempt": state.attempt,
-            "stable_version": state.stable_version,
-            "canary_version": state.canary_version,
-            "status": state.status,
-            "phase": phase.name,
-            "phase_index": state.phase_index,
-            "phases": [p.model_dump() for p in phases],
-            "canary_weight": state.weight,
-            "time_in_phase_s": round(now - state.phase_started_at, 3),
-            "waiting_for": self._waiting_for(now),
-            "table_version": state.table_version,
-            "window": state.window,
-            "evaluated_at": self._evaluated_at,
-            "last_verdict": self._last_verdict.to_dict() if self._last_verdict else None,
-            "arms": self._last_window,
-            "events": [event.model_dump() for event in state.events[-RECENT_EVENTS:]],
-        }
+    def status(self) -> RolloutStatus:
+        return describe(
+            self._app_name,
+            self._config.model_name,
+            self._current,
+            self._config.rollout.phases,
+            self._last_verdict,
+            self._last_window,
+            self._evaluated_at,
+            time.time(),
+        )
 
 
-def start_actors(app_name: str, config: CanaryConfig) -> tuple[ray.actor.ActorHandle, ray.actor.ActorHandle]:
+def start_actors(app_name: str, config: CanaryConfig) -> tuple[ActorHandle[Any], ActorHandle[Any]]:
     """Get or create the app's detached collector and controller (idempotent across replicas)."""
     common = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
     # The collector first: the controller looks it up by name. (Ray's decorators hide `.options`.)
@@ -252,44 +224,47 @@ def start_actors(app_name: str, config: CanaryConfig) -> tuple[ray.actor.ActorHa
 class ControllerClient:
     """The one client of the controller: the CLI and the HTTP admin routes both use it."""
 
-    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+    def __init__(self, handle: ActorHandle[Any]) -> None:
         self._handle = handle
 
     @classmethod
     def for_app(cls, app_name: str) -> ControllerClient:
         return cls(ray.get_actor(controller_name(app_name), namespace=NAMESPACE))
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, returns: type[T], method: str, *args: Any) -> T:
         try:
-            return await getattr(self._handle, method).remote(*args)
+            result = await getattr(self._handle, method).remote(*args)
         except RayTaskError as exc:
             if isinstance(exc.cause, TransitionError):
                 raise TransitionError(str(exc.cause)) from None
             raise
+        if not isinstance(result, returns):
+            raise TypeError(f"the controller's {method} returned {type(result).__name__}, not {returns.__name__}")
+        return result
 
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status")
+    async def status(self) -> RolloutStatus:
+        return await self._call(RolloutStatus, "status")
 
     async def configure(self, config: CanaryConfig) -> None:
-        await self._call("configure", config.model_dump(mode="json"))
+        await self._call(type(None), "configure", config.model_dump(mode="json"))
 
     async def get_table(self, known_version: int, timeout_s: float) -> RoutingTable:
-        return await self._call("get_table", known_version, timeout_s)
+        return await self._call(RoutingTable, "get_table", known_version, timeout_s)
 
-    async def pause(self, reason: str = "paused by operator") -> dict[str, Any]:
-        return await self._call("pause", reason)
+    async def pause(self, reason: str = "paused by operator") -> RolloutStatus:
+        return await self._call(RolloutStatus, "pause", reason)
 
-    async def resume(self) -> dict[str, Any]:
-        return await self._call("resume")
+    async def resume(self) -> RolloutStatus:
+        return await self._call(RolloutStatus, "resume")
 
-    async def approve(self) -> dict[str, Any]:
-        return await self._call("approve")
+    async def approve(self) -> RolloutStatus:
+        return await self._call(RolloutStatus, "approve")
 
-    async def rollback(self, reason: str = "rolled back by operator") -> dict[str, Any]:
-        return await self._call("rollback", reason)
+    async def rollback(self, reason: str = "rolled back by operator") -> RolloutStatus:
+        return await self._call(RolloutStatus, "rollback", reason)
 
-    async def restart(self) -> dict[str, Any]:
-        return await self._call("restart")
+    async def restart(self) -> RolloutStatus:
+        return await self._call(RolloutStatus, "restart")
 
-    async def set_weight(self, weight: float) -> dict[str, Any]:
-        return await self._call("set_weight", weight)
+    async def set_weight(self, weight: float) -> RolloutStatus:
+        return await self._call(RolloutStatus, "set_weight", weight)

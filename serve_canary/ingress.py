@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -31,6 +32,7 @@ from serve_canary.openai_api import OpenAIError, parse_request
 from serve_canary.rollout import TransitionError
 from serve_canary.routing import Arm, RoutingTable
 from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
+from serve_canary.status import ReplicaInfo, RolloutStatus
 
 ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"
 FLUSH_INTERVAL_S = 0.5
@@ -63,6 +65,25 @@ async def _json_body(request: Request) -> Any:
         raise OpenAIError(400, "the request body is not valid JSON") from None
 
 
+@dataclass(frozen=True)
+class AdminCommand:
+    """An operator command over HTTP: its method, its body (if any) and the controller call."""
+
+    method: Literal["POST", "PUT"]
+    run: Callable[[ControllerClient, Any], Awaitable[RolloutStatus]]
+    body: type[BaseModel] | None = None
+
+
+ADMIN_COMMANDS: dict[str, AdminCommand] = {
+    "pause": AdminCommand("POST", lambda client, _: client.pause()),
+    "resume": AdminCommand("POST", lambda client, _: client.resume()),
+    "approve": AdminCommand("POST", lambda client, _: client.approve()),
+    "rollback": AdminCommand("POST", lambda client, _: client.rollback()),
+    "restart": AdminCommand("POST", lambda client, _: client.restart()),
+    "weight": AdminCommand("PUT", lambda client, body: client.set_weight(body.weight), WeightBody),
+}
+
+
 def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
     """The request models the arm's server takes: vLLM's for `LLMServer`, ours for simulated."""
     if arm.llm_config is not None:
@@ -74,7 +95,7 @@ def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
     return {"chat": openai_api.ChatCompletionRequest, "completions": openai_api.CompletionRequest}
 
 
-async def _cancel_on_close(response: DeploymentResponseGenerator) -> AsyncIterator[Any]:
+async def _cancel_on_close(response: DeploymentResponseGenerator[Any]) -> AsyncIterator[Any]:
     """Relay a handle stream; closing it before the end cancels the call (and the generation)."""
     finished = False
     try:
@@ -83,10 +104,10 @@ async def _cancel_on_close(response: DeploymentResponseGenerator) -> AsyncIterat
         finished = True
     finally:
         if not finished:
-            response.cancel()
+            response.cancel()  # type: ignore[no-untyped-call]  # Ray leaves it untyped
 
 
-def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle) -> ArmEndpoint:
+def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any]) -> ArmEndpoint:
     streaming = handle.options(stream=True)
 
     def open_call(kind: Kind, request: Any) -> AsyncIterator[Any]:
@@ -104,7 +125,7 @@ def _result(served: Served) -> dict[str, Any] | AsyncIterator[str]:
 @serve.ingress(api)
 class CanaryIngress:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
-        self, stable: DeploymentHandle, canary: DeploymentHandle, config: dict[str, Any]
+        self, stable: DeploymentHandle[Any], canary: DeploymentHandle[Any], config: dict[str, Any]
     ) -> None:
         self._config = CanaryConfig.model_validate(config)
         self._arms: dict[Arm, ArmEndpoint] = {
@@ -196,16 +217,15 @@ class CanaryIngress:
         """OpenAI text completion; streams as `chat` does."""
         return _result(await self._serve("completions", body, None))
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> RolloutStatus:
         """The rollout status, plus which table this replica routes by."""
-        status = await self._controller.status()
-        status["replica"] = {
-            "id": self._replica_id,
-            "actor_id": self._actor_id,
-            "table_version": self._table.version,
-            "canary_weight": self._table.canary_weight,
-        }
-        return status
+        replica = ReplicaInfo(
+            id=self._replica_id,
+            actor_id=self._actor_id,
+            table_version=self._table.version,
+            canary_weight=self._table.canary_weight,
+        )
+        return (await self._controller.status()).model_copy(update={"replica": replica})
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
         """Attribute a rating or hallucination flag to the arm that served `request_id`."""
@@ -254,8 +274,8 @@ class CanaryIngress:
         return HTMLResponse(STATUS_PAGE)
 
     @api.get("/-/canary/status")
-    async def http_status(self) -> dict[str, Any]:
-        return await self.status()
+    async def http_status(self) -> Response:
+        return Response((await self.status()).model_dump_json(), media_type="application/json")
 
     @api.post("/-/canary/feedback")
     async def http_feedback(self, request: Request) -> dict[str, Any]:
@@ -270,35 +290,17 @@ class CanaryIngress:
         if not hmac.compare_digest(given.encode(), f"Bearer {self._admin_token}".encode()):
             raise OpenAIError(401, "missing or wrong admin bearer token", "authentication_error")
 
-    async def _admin(self, request: Request, command: str, *args: Any) -> dict[str, Any]:
+    @api.post("/-/canary/{command}")
+    @api.put("/-/canary/{command}")
+    async def http_admin(self, command: str, request: Request) -> Response:
+        """Every operator command, authorized in one place (see `ADMIN_COMMANDS`)."""
+        admin = ADMIN_COMMANDS.get(command)
+        if admin is None or admin.method != request.method:
+            raise OpenAIError(404, f"no admin command {request.method} /-/canary/{command}", code="not_found")
         self._authorize(request)
+        body = parse_request(admin.body, await _json_body(request)) if admin.body is not None else None
         try:
-            return await getattr(self._controller, command)(*args)
+            status = await admin.run(self._controller, body)
         except TransitionError as exc:
             raise OpenAIError(409, str(exc), "conflict") from None
-
-    @api.post("/-/canary/pause")
-    async def http_pause(self, request: Request) -> dict[str, Any]:
-        return await self._admin(request, "pause")
-
-    @api.post("/-/canary/resume")
-    async def http_resume(self, request: Request) -> dict[str, Any]:
-        return await self._admin(request, "resume")
-
-    @api.post("/-/canary/approve")
-    async def http_approve(self, request: Request) -> dict[str, Any]:
-        return await self._admin(request, "approve")
-
-    @api.post("/-/canary/rollback")
-    async def http_rollback(self, request: Request) -> dict[str, Any]:
-        return await self._admin(request, "rollback")
-
-    @api.post("/-/canary/restart")
-    async def http_restart(self, request: Request) -> dict[str, Any]:
-        return await self._admin(request, "restart")
-
-    @api.put("/-/canary/weight")
-    async def http_weight(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        weight = parse_request(WeightBody, await _json_body(request)).weight
-        return await self._admin(request, "set_weight", weight)
+        return Response(status.model_dump_json(), media_type="application/json")

@@ -15,19 +15,21 @@ rollbacks:
 - Otherwise WAIT, with the reason.
 
 The sequential tests run over the whole attempt (every window since the rollout started or
-restarted), each window at its own traffic share; α, the attempt's false-rollback budget, is
-split across metrics (`ALPHA_SHARES`).
+restarted), each window at its own traffic share: a closed window enters as the `Segment`s
+(event counts and share) of the last verdict on it, so a look never re-reads old samples.
+α, the attempt's false-rollback budget, is split across metrics by `METRICS`, the one table
+of what is judged (Kayenta's metrics as data).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
-from serve_canary.metrics import ArmAggregate, sorted_quantile
+from serve_canary.metrics import ArmAggregate, Reservoir, sorted_quantile
 from serve_canary.sequential import (
     Segment,
     not_worse_than_e_value,
@@ -37,14 +39,108 @@ from serve_canary.sequential import (
 )
 
 Decision = Literal["pass", "wait", "fail"]
-# Each metric's share of the false-rollback budget α; errors matter most and are rarest.
-ALPHA_SHARES = {
-    "error_rate": 0.4,
-    "ttft_p95_ms": 0.15,
-    "e2e_p95_ms": 0.15,
-    "itl_p95_ms": 0.15,
-    "hallucination_rate": 0.15,
-}
+WindowEvidence = Mapping[str, Segment]  # metric name → the segment it contributes from one closed window
+LATENCY_QUANTILE = 0.95  # the tail the latency tests watch: "exceeds stable's p95"
+NO_SEGMENT: Segment = (0, 0, 0.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One judged metric: how to read it from an arm, what it is held to, its share of α.
+
+    A `rate` metric counts events among trials (`counts` → (events, trials)); a `latency`
+    metric reads a reservoir of seconds. `gates_promotion`: whether promotion must wait for
+    evidence on it (sparse, optional feedback can fail a canary but never hold one back).
+    """
+
+    name: str
+    kind: Literal["rate", "latency"]
+    alpha_share: float
+    allowed_increase: Callable[[HealthConfig], float]
+    absolute_limit: Callable[[HealthConfig], float | None]
+    counts: Callable[[ArmAggregate], tuple[int, int]] | None = None
+    samples: Callable[[ArmAggregate], Reservoir] | None = None
+    gates_promotion: bool = True
+
+
+# Errors matter most and are rarest: the largest share of α.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "error_rate",
+        "rate",
+        0.4,
+        allowed_increase=lambda h: h.max_error_rate_increase,
+        absolute_limit=lambda h: h.max_error_rate,
+        counts=lambda a: (a.errors, a.requests),
+    ),
+    MetricSpec(
+        "ttft_p95_ms",
+        "latency",
+        0.15,
+        allowed_increase=lambda h: h.max_ttft_increase,
+        absolute_limit=lambda h: h.max_ttft_ms,
+        samples=lambda a: a.ttft_s,
+    ),
+    MetricSpec(
+        "e2e_p95_ms",
+        "latency",
+        0.15,
+        allowed_increase=lambda h: h.max_latency_increase,
+        absolute_limit=lambda h: h.max_latency_ms,
+        samples=lambda a: a.e2e_s,
+    ),
+    MetricSpec(
+        "itl_p95_ms",
+        "latency",
+        0.15,
+        allowed_increase=lambda h: h.max_itl_increase,
+        absolute_limit=lambda h: None,
+        samples=lambda a: a.itl_s,
+    ),
+    MetricSpec(
+        "hallucination_rate",
+        "rate",
+        0.15,
+        allowed_increase=lambda h: h.max_hallucination_increase,
+        absolute_limit=lambda h: None,
+        counts=lambda a: (a.hallucinations, a.hallucination_reports),
+        gates_promotion=False,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class RateStats:
+    """The evidence behind a rate check."""
+
+    e_value: float  # "the canary's rate is higher" (rollback at e_threshold)
+    e_threshold: float
+    not_worse_e_value: float  # "the canary's rate is at least `limit` × stable's" (promotion at not_worse_threshold)
+    not_worse_threshold: float
+    ratio: float | None
+    canary_rate_bounds: tuple[float, float]
+    canary_share: float
+    canary_events: int
+    stable_events: int
+    canary_n: int
+    stable_n: int
+    kind: Literal["rate"] = "rate"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """The evidence behind a latency check (values in ms)."""
+
+    e_value: float  # "the canary exceeds stable's p95 more often"
+    e_threshold: float
+    ratio: float  # canary p95 / stable p95
+    median_ratio_upper: float
+    canary_p95_lower_ms: float
+    canary_over_stable_p95: int
+    stable_over_stable_p95: int
+    canary_n: int
+    stable_n: int
+    kind: Literal["latency"] = "latency"
 
 
 @dataclass(frozen=True)
@@ -52,10 +148,11 @@ class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: float | None  # the allowed canary/stable ratio (or absolute limit) it was held to
+    limit: float | None  # the allowed canary/stable ratio it was held to
     decision: Decision
     reason: str
-    stats: dict[str, Any] = field(default_factory=dict)  # e-value, bounds, effect size, counts
+    stats: RateStats | LatencyStats | None = None
+    segment: Segment = NO_SEGMENT  # this window's contribution to the sequential test
 
 
 @dataclass(frozen=True)
@@ -66,7 +163,7 @@ class Verdict:
     stable_requests: int
     canary_requests: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready (lists, not tuples), as it is persisted and shown."""
         return {**asdict(self), "checks": [asdict(check) for check in self.checks]}
 
@@ -74,172 +171,147 @@ class Verdict:
     def failed_metrics(self) -> list[str]:
         return [check.metric for check in self.checks if check.decision == "fail"]
 
+    @property
+    def evidence(self) -> dict[str, Segment]:
+        """What this window contributes to later looks once it is closed."""
+        return {check.metric: check.segment for check in self.checks if check.segment != NO_SEGMENT}
+
 
 def _share(canary_n: int, stable_n: int) -> float:
     return canary_n / (canary_n + stable_n) if canary_n + stable_n else 0.0
 
 
-def _error_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
-    return canary.errors, stable.errors, _share(canary.requests, stable.requests)
-
-
-def _hallucination_segment(stable: ArmAggregate, canary: ArmAggregate) -> Segment:
-    return (
-        canary.hallucinations,
-        stable.hallucinations,
-        _share(canary.hallucination_reports, stable.hallucination_reports),
-    )
-
-
-def _exceedance_segment(stable: list[float], canary: list[float]) -> Segment:
-    """Samples above stable's p95 of the same window, per arm (inputs sorted)."""
-    if not stable or not canary:
-        return 0, 0, 0.0
-    threshold = sorted_quantile(stable, 0.95)
-    return (
-        len(canary) - bisect_right(canary, threshold),
-        len(stable) - bisect_right(stable, threshold),
-        _share(len(canary), len(stable)),
-    )
-
-
 def _rate_check(
-    metric: str,
-    canary_events: int,
-    canary_n: int,
-    stable_events: int,
-    stable_n: int,
+    spec: MetricSpec,
+    stable: ArmAggregate,
+    canary: ArmAggregate,
     earlier: list[Segment],
-    allowed_increase: float,
-    absolute_limit: float | None,
+    health: HealthConfig,
     alpha: float,
-    promotion_alpha: float,
 ) -> MetricCheck:
+    assert spec.counts is not None
+    (canary_events, canary_n), (stable_events, stable_n) = spec.counts(canary), spec.counts(stable)
+    allowed, absolute_limit, promotion_alpha = (
+        spec.allowed_increase(health),
+        spec.absolute_limit(health),
+        health.promotion_alpha,
+    )
     if canary_n == 0 or stable_n == 0:
-        return MetricCheck(metric, None, None, allowed_increase, "wait", "no data on one arm yet")
-    share = _share(canary_n, stable_n)
+        decision: Decision = "wait" if spec.gates_promotion else "pass"
+        return MetricCheck(spec.name, None, None, allowed, decision, "no data on one arm yet")
+    segment = (canary_events, stable_events, _share(canary_n, stable_n))
     stable_rate, canary_rate = stable_events / stable_n, canary_events / canary_n
-    segments = [*earlier, (canary_events, stable_events, share)]
-    e_value = ratio_e_value(segments)
-    promotion_e = not_worse_than_e_value(segments, allowed_increase)
+    e_value = ratio_e_value([*earlier, segment])
+    promotion_e = not_worse_than_e_value([*earlier, segment], allowed)
     rate_lower, _ = proportion_bounds(canary_events, canary_n, alpha)
     _, rate_upper = proportion_bounds(canary_events, canary_n, promotion_alpha)
-    stats = {
-        "e_value": e_value,
-        "e_threshold": 1.0 / alpha,
-        "ratio": canary_rate / stable_rate if stable_rate else None,
-        "not_worse_e_value": promotion_e,
-        "not_worse_threshold": 1.0 / promotion_alpha,
-        "canary_rate_bounds": [rate_lower, rate_upper],
-        "canary_share": share,
-        "canary_events": canary_events,
-        "stable_events": stable_events,
-        "canary_n": canary_n,
-        "stable_n": stable_n,
-    }
-    args = (metric, stable_rate, canary_rate, allowed_increase)
+    stats = RateStats(
+        e_value=e_value,
+        e_threshold=1.0 / alpha,
+        not_worse_e_value=promotion_e,
+        not_worse_threshold=1.0 / promotion_alpha,
+        ratio=canary_rate / stable_rate if stable_rate else None,
+        canary_rate_bounds=(rate_lower, rate_upper),
+        canary_share=segment[2],
+        canary_events=canary_events,
+        stable_events=stable_events,
+        canary_n=canary_n,
+        stable_n=stable_n,
+    )
+
+    def check(decision: Decision, reason: str) -> MetricCheck:
+        return MetricCheck(spec.name, stable_rate, canary_rate, allowed, decision, reason, stats, segment)
+
     if e_value >= 1.0 / alpha:
         evidence = f"e-value {e_value:.3g} ≥ {1 / alpha:.3g}"
-        reason = f"{metric} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse ({evidence})"
-        return MetricCheck(*args, "fail", reason, stats)
+        return check("fail", f"{spec.name} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse ({evidence})")
     if absolute_limit is not None and rate_lower > absolute_limit:
         bound = f"lower bound {rate_lower:.2%}"
-        reason = f"{metric} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence ({bound})"
-        return MetricCheck(*args, "fail", reason, stats)
-    if promotion_e >= 1.0 / promotion_alpha:
-        return MetricCheck(
-            *args, "pass", f"canary/stable shown below {allowed_increase:g} (e-value {promotion_e:.3g})", stats
+        return check(
+            "fail", f"{spec.name} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence ({bound})"
         )
+    if not spec.gates_promotion:
+        return check("pass", f"no evidence of a higher {spec.name}")
+    if promotion_e >= 1.0 / promotion_alpha:
+        return check("pass", f"canary/stable shown below {allowed:g} (e-value {promotion_e:.3g})")
     if absolute_limit is not None and rate_upper <= absolute_limit:
-        return MetricCheck(*args, "pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})", stats)
+        return check("pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})")
     reason = (
-        f"not enough evidence that canary/stable < {allowed_increase:g} "
+        f"not enough evidence that canary/stable < {allowed:g} "
         f"(e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g} needed)"
     )
     if absolute_limit is not None:
         reason += f" or that the canary rate is ≤ {absolute_limit:.2%} (upper bound {rate_upper:.2%})"
-    return MetricCheck(*args, "wait", reason, stats)
+    return check("wait", reason)
 
 
 def _latency_check(
-    metric: str,
-    stable_values: list[float],
-    canary_values: list[float],
+    spec: MetricSpec,
+    stable_arm: ArmAggregate,
+    canary_arm: ArmAggregate,
     earlier: list[Segment],
-    allowed_increase: float,
-    absolute_limit_ms: float | None,
+    health: HealthConfig,
     alpha: float,
-    promotion_alpha: float,
 ) -> MetricCheck:
-    if not stable_values and not canary_values:
-        return MetricCheck(metric, None, None, allowed_increase, "pass", "no samples on either arm: nothing to compare")
-    if not stable_values or not canary_values:
-        return MetricCheck(metric, None, None, allowed_increase, "wait", "no latency samples on one arm yet")
-    stable, canary = sorted(stable_values), sorted(canary_values)
-    canary_over, stable_over, _ = segment = _exceedance_segment(stable, canary)
+    assert spec.samples is not None
+    allowed, absolute_limit_ms, promotion_alpha = (
+        spec.allowed_increase(health),
+        spec.absolute_limit(health),
+        health.promotion_alpha,
+    )
+    stable, canary = sorted(spec.samples(stable_arm).values), sorted(spec.samples(canary_arm).values)
+    if not stable and not canary:
+        return MetricCheck(spec.name, None, None, allowed, "pass", "no samples on either arm: nothing to compare")
+    if not stable or not canary:
+        return MetricCheck(spec.name, None, None, allowed, "wait", "no latency samples on one arm yet")
+    threshold = sorted_quantile(stable, LATENCY_QUANTILE)
+    canary_over, stable_over = (
+        len(canary) - bisect_right(canary, threshold),
+        len(stable) - bisect_right(stable, threshold),
+    )
+    segment = (canary_over, stable_over, _share(len(canary), len(stable)))
     e_value = ratio_e_value([*earlier, segment])
-    stable_p95, canary_p95 = sorted_quantile(stable, 0.95) * 1000.0, sorted_quantile(canary, 0.95) * 1000.0
+    stable_p95, canary_p95 = threshold * 1000.0, sorted_quantile(canary, LATENCY_QUANTILE) * 1000.0
     # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
     # the sample maximum, and the tail is already guarded by the exceedance test above.
     ratio_upper = sorted_quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
         sorted_quantile(stable, 0.5 - quantile_margin(len(stable), 0.5, promotion_alpha)), 1e-9
     )
-    canary_p95_lower = sorted_quantile(canary, 0.95 - quantile_margin(len(canary), 0.95, alpha)) * 1000.0
-    stats = {
-        "e_value": e_value,
-        "e_threshold": 1.0 / alpha,
-        "ratio": canary_p95 / max(stable_p95, 1e-9),
-        "median_ratio_upper": ratio_upper,
-        "canary_p95_lower_ms": canary_p95_lower,
-        "canary_over_stable_p95": canary_over,
-        "stable_over_stable_p95": stable_over,
-        "canary_n": len(canary),
-        "stable_n": len(stable),
-    }
-    args = (metric, stable_p95, canary_p95, allowed_increase)
+    margin = quantile_margin(len(canary), LATENCY_QUANTILE, alpha)
+    canary_p95_lower = sorted_quantile(canary, LATENCY_QUANTILE - margin) * 1000.0
+    stats = LatencyStats(
+        e_value=e_value,
+        e_threshold=1.0 / alpha,
+        ratio=canary_p95 / max(stable_p95, 1e-9),
+        median_ratio_upper=ratio_upper,
+        canary_p95_lower_ms=canary_p95_lower,
+        canary_over_stable_p95=canary_over,
+        stable_over_stable_p95=stable_over,
+        canary_n=len(canary),
+        stable_n=len(stable),
+    )
+
+    def check(decision: Decision, reason: str) -> MetricCheck:
+        return MetricCheck(spec.name, stable_p95, canary_p95, allowed, decision, reason, stats, segment)
+
     if e_value >= 1.0 / alpha:
-        reason = (
-            f"{metric} {canary_p95:.1f} ms vs stable {stable_p95:.1f} ms: {canary_over}/{len(canary)} canary requests "
-            f"above stable's p95 (e-value {e_value:.3g} ≥ {1 / alpha:.3g})"
+        return check(
+            "fail",
+            f"{spec.name} {canary_p95:.1f} ms vs stable {stable_p95:.1f} ms: {canary_over}/{len(canary)} canary "
+            f"requests above stable's p95 (e-value {e_value:.3g} ≥ {1 / alpha:.3g})",
         )
-        return MetricCheck(*args, "fail", reason, stats)
     if absolute_limit_ms is not None and canary_p95_lower > absolute_limit_ms:
-        reason = f"{metric} {canary_p95:.1f} ms: above the {absolute_limit_ms:g} ms limit with confidence"
-        return MetricCheck(*args, "fail", reason, stats)
-    if ratio_upper <= allowed_increase:
-        return MetricCheck(
-            *args, "pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed_increase:g})", stats
+        return check(
+            "fail", f"{spec.name} {canary_p95:.1f} ms: above the {absolute_limit_ms:g} ms limit with confidence"
         )
-    reason = (
-        f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed_increase:g})"
-    )
-    return MetricCheck(*args, "wait", reason, stats)
-
-
-def _hallucination_check(
-    stable: ArmAggregate, canary: ArmAggregate, earlier: list[Segment], health: HealthConfig, alpha: float
-) -> MetricCheck:
-    """Feedback is optional and sparse: it can fail a canary, never hold one back."""
-    check = _rate_check(
-        "hallucination_rate",
-        canary.hallucinations,
-        canary.hallucination_reports,
-        stable.hallucinations,
-        stable.hallucination_reports,
-        earlier,
-        health.max_hallucination_increase,
-        None,
-        alpha,
-        health.promotion_alpha,
-    )
-    if check.decision == "fail":
-        return check
-    return MetricCheck(
-        check.metric, check.stable, check.canary, check.limit, "pass", "no evidence of more hallucinations", check.stats
+    if ratio_upper <= allowed:
+        return check("pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed:g})")
+    return check(
+        "wait", f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed:g})"
     )
 
 
-WindowPair = tuple[ArmAggregate, ArmAggregate]  # (stable, canary) of one window
+CHECKS = {"rate": _rate_check, "latency": _latency_check}
 
 
 def judge(
@@ -248,44 +320,25 @@ def judge(
     health: HealthConfig,
     min_requests: int,
     alpha: float,
-    earlier: Sequence[WindowPair] = (),
+    earlier: Sequence[WindowEvidence] = (),
 ) -> Verdict:
-    """Judge the current window. The sequential tests also count `earlier` windows of the same
-    attempt (each at its own traffic share), so evidence carries across phase changes; the
-    promotion bounds use the current window only. `alpha`, the attempt's false-rollback
-    budget, is split across metrics."""
-    budget = {metric: alpha * share for metric, share in ALPHA_SHARES.items()}
-    promo = health.promotion_alpha
-    sorted_earlier = {
-        name: [
-            _exceedance_segment(sorted(getattr(s, name).values), sorted(getattr(c, name).values)) for s, c in earlier
-        ]
-        for name in ("ttft_s", "e2e_s", "itl_s")
-    }
+    """Judge the current window.
 
-    def latency(metric: str, name: str, increase: float, limit: float | None) -> MetricCheck:
-        values = (getattr(stable, name).values, getattr(canary, name).values)
-        return _latency_check(metric, *values, sorted_earlier[name], increase, limit, budget[metric], promo)
-
-    checks = (
-        _rate_check(
-            "error_rate",
-            canary.errors,
-            canary.requests,
-            stable.errors,
-            stable.requests,
-            [_error_segment(s, c) for s, c in earlier],
-            health.max_error_rate_increase,
-            health.max_error_rate,
-            budget["error_rate"],
-            promo,
-        ),
-        latency("ttft_p95_ms", "ttft_s", health.max_ttft_increase, health.max_ttft_ms),
-        latency("e2e_p95_ms", "e2e_s", health.max_latency_increase, health.max_latency_ms),
-        latency("itl_p95_ms", "itl_s", health.max_itl_increase, None),
-        _hallucination_check(
-            stable, canary, [_hallucination_segment(s, c) for s, c in earlier], health, budget["hallucination_rate"]
-        ),
+    The sequential tests and the rate metrics' promotion tests also count the `earlier`
+    windows of the same attempt (each at its own traffic share), so evidence carries across
+    phase changes; the latency promotion bound (a median ratio) uses the current window only.
+    `alpha`, the attempt's false-rollback budget, is split across `METRICS`.
+    """
+    checks = tuple(
+        CHECKS[spec.kind](
+            spec,
+            stable,
+            canary,
+            [window[spec.name] for window in earlier if spec.name in window],
+            health,
+            alpha * spec.alpha_share,
+        )
+        for spec in METRICS
     )
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
     failed = [check for check in checks if check.decision == "fail"]

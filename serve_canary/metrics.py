@@ -13,10 +13,13 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pydantic import BaseModel
+
 from serve_canary.routing import ARMS, Arm
 
 RESERVOIR_SIZE = 4096
 ATTRIBUTION_CAPACITY = 100_000
+WINDOW_CAPACITY = 4
 
 
 class RequestRecord(NamedTuple):
@@ -33,8 +36,6 @@ class RequestRecord(NamedTuple):
     e2e_s: float
     prompt_tokens: int
     output_tokens: int
-    finish_reason: str | None
-    canary_weight: float  # the canary's traffic share when the request was routed
 
 
 class Reservoir:
@@ -81,8 +82,6 @@ class ArmAggregate:
     cancelled: int = 0
     rejected: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
-    finish_reasons: Counter[str] = field(default_factory=Counter)
-    prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_s: Reservoir = field(default_factory=Reservoir)
     itl_s: Reservoir = field(default_factory=Reservoir)
@@ -100,13 +99,11 @@ class ArmAggregate:
             self.rejected += 1
             return
         self.requests += 1
-        self.prompt_tokens += record.prompt_tokens
         self.output_tokens += record.output_tokens
         if record.outcome == "error":
             self.errors += 1
             self.error_kinds[record.error_kind or "unknown"] += 1
             return
-        self.finish_reasons[record.finish_reason or "unknown"] += 1
         self.e2e_s.add(record.e2e_s)
         if record.ttft_s is not None:
             self.ttft_s.add(record.ttft_s)
@@ -125,28 +122,50 @@ class ArmAggregate:
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
-    def summary(self) -> dict:
+    def summary(self) -> ArmSummary:
         """The figures `status` shows, in milliseconds."""
 
-        def percentiles_ms(reservoir: Reservoir) -> dict[str, float | None]:
+        def percentiles_ms(reservoir: Reservoir) -> Percentiles:
             ordered = sorted(reservoir.values)
-            return {
-                f"p{int(q * 100)}": round(sorted_quantile(ordered, q) * 1000.0, 3) if ordered else None
-                for q in (0.5, 0.95, 0.99)
-            }
 
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_rate": self.error_rate,
-            "error_kinds": dict(self.error_kinds),
-            "ttft_ms": percentiles_ms(self.ttft_s),
-            "itl_ms": percentiles_ms(self.itl_s),
-            "e2e_ms": percentiles_ms(self.e2e_s),
-            "output_tokens": self.output_tokens,
-            "mean_rating": self.rating_sum / self.ratings if self.ratings else None,
-            "hallucinations": self.hallucinations,
-        }
+            def at(q: float) -> float | None:
+                return round(sorted_quantile(ordered, q) * 1000.0, 3) if ordered else None
+
+            return Percentiles(p50=at(0.5), p95=at(0.95), p99=at(0.99))
+
+        return ArmSummary(
+            requests=self.requests,
+            errors=self.errors,
+            error_rate=self.error_rate,
+            error_kinds=dict(self.error_kinds),
+            ttft_ms=percentiles_ms(self.ttft_s),
+            itl_ms=percentiles_ms(self.itl_s),
+            e2e_ms=percentiles_ms(self.e2e_s),
+            output_tokens=self.output_tokens,
+            mean_rating=self.rating_sum / self.ratings if self.ratings else None,
+            hallucinations=self.hallucinations,
+        )
+
+
+class Percentiles(BaseModel):
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class ArmSummary(BaseModel):
+    """One arm's window at a glance (latencies in ms), as status shows it."""
+
+    requests: int
+    errors: int
+    error_rate: float | None
+    error_kinds: dict[str, int]
+    ttft_ms: Percentiles
+    itl_ms: Percentiles
+    e2e_ms: Percentiles
+    output_tokens: int
+    mean_rating: float | None
+    hallucinations: int
 
 
 @dataclass(frozen=True)
@@ -157,28 +176,48 @@ class Attribution:
 
 
 class MetricsLedger:
-    """Aggregates per (window, arm) and remembers which arm served recent request ids."""
+    """Aggregates per (window, arm) for the most recent windows, and which arm served recent
+    request ids.
 
-    def __init__(self, attribution_capacity: int = ATTRIBUTION_CAPACITY) -> None:
-        self._windows: dict[str, dict[Arm, ArmAggregate]] = {}
+    Only the current window is judged from samples; a closed window's evidence lives on in
+    the rollout state (`judge.Verdict.evidence`), so the ledger keeps just the last
+    `window_capacity` windows (late records of a closed one still land for display).
+    """
+
+    def __init__(
+        self, window_capacity: int = WINDOW_CAPACITY, attribution_capacity: int = ATTRIBUTION_CAPACITY
+    ) -> None:
+        self._windows: OrderedDict[str, dict[Arm, ArmAggregate]] = OrderedDict()
         self._served_by: OrderedDict[str, Attribution] = OrderedDict()
-        self._capacity = attribution_capacity
+        self._window_capacity = window_capacity
+        self._attribution_capacity = attribution_capacity
 
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
+        """The window's aggregates (empty ones if it has no records), without keeping it."""
+        return self._windows.get(window) or {arm: ArmAggregate() for arm in ARMS}
+
+    def _writable(self, window: str) -> dict[Arm, ArmAggregate]:
         if window not in self._windows:
             self._windows[window] = {arm: ArmAggregate() for arm in ARMS}
+            while len(self._windows) > self._window_capacity:
+                self._windows.popitem(last=False)
         return self._windows[window]
+
+    @property
+    def windows(self) -> list[str]:
+        """The windows held, oldest first."""
+        return list(self._windows)
 
     def add(self, records: list[RequestRecord]) -> None:
         for record in records:
-            self.window(record.window)[record.arm].add(record)
+            self._writable(record.window)[record.arm].add(record)
             self._served_by[record.request_id] = Attribution(record.window, record.arm, record.version)
-        while len(self._served_by) > self._capacity:
+        while len(self._served_by) > self._attribution_capacity:
             self._served_by.popitem(last=False)
 
     def add_feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> Attribution | None:
         """Attribute feedback to the arm that served `request_id`; None if it is unknown."""
         attribution = self._served_by.get(request_id)
-        if attribution is not None:
-            self.window(attribution.window)[attribution.arm].add_feedback(rating, hallucination)
+        if attribution is not None and attribution.window in self._windows:
+            self._windows[attribution.window][attribution.arm].add_feedback(rating, hallucination)
         return attribution

@@ -9,9 +9,13 @@ the models here, which forbid every field it cannot honour, so a request for `to
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class OpenAIError(Exception):
@@ -127,7 +131,7 @@ class Response(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def parse_request(model: type[BaseModel], body: Any) -> Any:
+def parse_request(model: type[ModelT], body: Any) -> ModelT:
     """Validate a request body; a bad one becomes a 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -137,9 +141,13 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
         raise validation_error(exc) from None
 
 
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|\[")  # pydantic's names for union members
+
+
 def validation_error(exc: ValidationError) -> OpenAIError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    """A 400 naming the most specific bad field, as a dotted path of the client's own keys."""
+    first = max(exc.errors(), key=lambda error: len(error["loc"]))
+    param = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and _UNION_BRANCH.search(p))) or None
     if first["type"] == "extra_forbidden":
         return OpenAIError(400, f"{param}: not supported by this model server", param=param)
     return OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)

@@ -7,11 +7,11 @@ collector actor feeds it records and rollout status and serves `exposition()`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from serve_canary.metrics import RequestRecord
+from serve_canary.rollout import STATUSES, Event
+from serve_canary.status import RolloutStatus
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (
@@ -82,7 +82,8 @@ E2E_BUCKETS = (
     1920.0,
     7680.0,
 )
-STATUSES = ("running", "paused", "awaiting_approval", "rolled_back", "complete")
+DECISION_VALUES = {"fail": -1.0, "wait": 0.0, "pass": 1.0}
+ROLLBACK_ACTIONS = {"auto_rollback": "automatic", "rollback": "operator"}
 ARM_LABELS = ("model", "arm", "version")
 
 
@@ -174,7 +175,6 @@ class PrometheusExporter:
             ("model",),
             registry=registry,
         )
-        self._counted_rollbacks: set[tuple[str, int, float]] = set()
         self._phase_labels: tuple[str, str] | None = None
 
     def record(self, records: list[RequestRecord]) -> None:
@@ -201,29 +201,24 @@ class PrometheusExporter:
             if hallucination:
                 self.hallucinations.labels(*labels).inc()
 
-    def rollout(self, status: dict[str, Any]) -> None:
-        """Mirror a controller status dict (see RolloutController.status)."""
-        self.weight.labels(self.model).set(status["canary_weight"])
-        labels = (status["rollout_id"], status["phase"])
+    def rollout(self, status: RolloutStatus, transition: Event | None) -> None:
+        """Mirror the controller's status in the gauges; count the transition that made it."""
+        self.weight.labels(self.model).set(status.canary_weight)
+        labels = (status.rollout_id, status.phase)
         if self._phase_labels is not None and self._phase_labels != labels:
             self.phase.remove(self.model, *self._phase_labels)
         self._phase_labels = labels
-        self.phase.labels(self.model, *labels).set(status["phase_index"])
+        self.phase.labels(self.model, *labels).set(status.phase_index)
         for name in STATUSES:
-            self.status.labels(self.model, name).set(1.0 if status["status"] == name else 0.0)
-        for event in status["events"]:
-            key = (status["rollout_id"], status["attempt"], event["at"])
-            if event["action"] in ("auto_rollback", "rollback") and key not in self._counted_rollbacks:
-                self._counted_rollbacks.add(key)
-                self.rollbacks.labels(
-                    self.model, "automatic" if event["action"] == "auto_rollback" else "operator"
-                ).inc()
-        verdict = status.get("last_verdict")
-        if verdict:
-            self.judge_decision.labels(self.model).set({"fail": -1.0, "wait": 0.0, "pass": 1.0}[verdict["decision"]])
-            for check in verdict["checks"]:
-                if check["stats"].get("e_value") is not None:
-                    self.judge_e_value.labels(self.model, check["metric"]).set(check["stats"]["e_value"])
+            self.status.labels(self.model, name).set(1.0 if status.status == name else 0.0)
+        if transition is not None and transition.action in ROLLBACK_ACTIONS:
+            self.rollbacks.labels(self.model, ROLLBACK_ACTIONS[transition.action]).inc()
+        verdict = status.last_verdict
+        if verdict is not None:
+            self.judge_decision.labels(self.model).set(DECISION_VALUES[verdict.decision])
+            for check in verdict.checks:
+                if check.stats is not None:
+                    self.judge_e_value.labels(self.model, check.metric).set(check.stats.e_value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

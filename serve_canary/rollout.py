@@ -7,14 +7,17 @@ manual weight; rolled_back on a FAIL verdict or an operator's rollback, terminal
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 from serve_canary.config import PhaseConfig
 from serve_canary.judge import Verdict
+from serve_canary.sequential import Segment
 
 Status = Literal["running", "paused", "awaiting_approval", "rolled_back", "complete"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+TERMINAL: frozenset[Status] = frozenset({"rolled_back", "complete"})  # automation has nothing left to do
 MAX_EVENTS = 200
 
 
@@ -49,22 +52,20 @@ class RolloutState(BaseModel):
     weight: float
     phase_started_at: float  # start of the current metrics window
     window_seq: int
-    attempt_first_window: int
     table_version: int
     events: tuple[Event, ...]
+    # The judge's evidence from each closed window of this attempt (its last verdict's segments),
+    # so the sequential tests span phases without the samples, and survive any restart.
+    evidence: tuple[dict[str, Segment], ...] = ()
 
     @property
     def window(self) -> str:
         """Metrics window id: canary and stable are judged on records from the same window."""
-        return self._window_id(self.window_seq)
+        return f"{self.rollout_id}/{self.attempt}/{self.window_seq}"
 
     @property
-    def attempt_windows(self) -> list[str]:
-        """Every window of this attempt, oldest first, the current one last."""
-        return [self._window_id(seq) for seq in range(self.attempt_first_window, self.window_seq + 1)]
-
-    def _window_id(self, seq: int) -> str:
-        return f"{self.rollout_id}/{self.attempt}/{seq}"
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
 
 
 def _move(
@@ -79,12 +80,19 @@ def _move(
     weight: float | None = None,
     attempt: int | None = None,
     evidence: dict[str, Any] | None = None,
+    latest: Verdict | None = None,
 ) -> RolloutState:
+    """`latest`: the latest verdict on the current window, kept as its evidence if it closes."""
     phase_index = state.phase_index if phase_index is None else phase_index
     weight = state.weight if weight is None else weight
     attempt = state.attempt if attempt is None else attempt
     new_window = (phase_index, weight, attempt) != (state.phase_index, state.weight, state.attempt)
     window_seq = state.window_seq + 1 if new_window else state.window_seq
+    carried = state.evidence
+    if attempt != state.attempt:
+        carried = ()
+    elif new_window and latest is not None and latest.evidence:
+        carried = (*carried, latest.evidence)
     event = Event(
         at=now,
         action=action,
@@ -102,7 +110,7 @@ def _move(
             weight=weight,
             attempt=attempt,
             window_seq=window_seq,
-            attempt_first_window=window_seq if attempt != state.attempt else state.attempt_first_window,
+            evidence=carried,
             phase_started_at=now if new_window else state.phase_started_at,
             table_version=state.table_version + 1,
             events=(*state.events, event)[-MAX_EVENTS:],
@@ -111,9 +119,14 @@ def _move(
 
 
 def start(
-    rollout_id: str, stable_version: str, canary_version: str, phases: tuple[PhaseConfig, ...], now: float
+    rollout_id: str,
+    stable_version: str,
+    canary_version: str,
+    phases: tuple[PhaseConfig, ...],
+    now: float,
+    table_version: int = 1,
 ) -> RolloutState:
-    """A new rollout at the first phase."""
+    """A new rollout at the first phase (`table_version` continues a replaced rollout's)."""
     first = phases[0]
     event = Event(
         at=now,
@@ -134,14 +147,13 @@ def start(
         weight=first.weight,
         phase_started_at=now,
         window_seq=0,
-        attempt_first_window=0,
-        table_version=1,
+        table_version=table_version,
         events=(event,),
     )
 
 
 def _advance(
-    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, action: str, reason: str
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, action: str, reason: str, latest: Verdict | None
 ) -> RolloutState:
     index = state.phase_index + 1
     status: Status = "complete" if index == len(phases) - 1 else "running"
@@ -154,6 +166,7 @@ def _advance(
         reason=reason,
         phase_index=index,
         weight=phases[index].weight,
+        latest=latest,
     )
 
 
@@ -161,7 +174,7 @@ def evaluate(
     state: RolloutState, verdict: Verdict, phases: tuple[PhaseConfig, ...], now: float, auto_rollback: bool
 ) -> RolloutState:
     """Apply the judge's verdict on the current window."""
-    if state.status in ("rolled_back", "complete"):
+    if state.terminal:
         return state
     if verdict.decision == "fail" and auto_rollback:
         return _move(
@@ -173,6 +186,7 @@ def evaluate(
             reason=f"canary unhealthy: {verdict.reason}",
             weight=0.0,
             evidence=verdict.to_dict(),
+            latest=verdict,
         )
     if state.status != "running" or verdict.decision != "pass":
         return state
@@ -190,23 +204,29 @@ def evaluate(
             reason=f"phase {phase.name} healthy; entering {following.name} needs approval",
             evidence=verdict.to_dict(),
         )
-    return _advance(state, phases, now, "promote", f"phase {phase.name} healthy: {verdict.reason}")
+    return _advance(state, phases, now, "promote", f"phase {phase.name} healthy: {verdict.reason}", verdict)
 
 
-def approve(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> RolloutState:
+def approve(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
+) -> RolloutState:
     if state.status != "awaiting_approval":
         raise TransitionError(f"nothing awaits approval: the rollout is {state.status}")
     following = phases[state.phase_index + 1]
-    return _advance(state, phases, now, "approve", f"operator approved {following.name}")
+    return _advance(state, phases, now, "approve", f"operator approved {following.name}", latest)
 
 
-def pause(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str) -> RolloutState:
+def pause(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str, *, latest: Verdict | None = None
+) -> RolloutState:
     if state.status not in ("running", "awaiting_approval"):
         raise TransitionError(f"only a running or approval-waiting rollout can pause; it is {state.status}")
-    return _move(state, phases, now, action="pause", to_status="paused", reason=reason)
+    return _move(state, phases, now, action="pause", to_status="paused", reason=reason, latest=latest)
 
 
-def resume(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> RolloutState:
+def resume(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
+) -> RolloutState:
     """Back to automation at the current phase's weight (undoing any manual weight)."""
     if state.status != "paused":
         raise TransitionError(f"only a paused rollout can resume; it is {state.status}")
@@ -219,10 +239,13 @@ def resume(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> 
         to_status="running",
         reason=f"operator resumed phase {phase.name}",
         weight=phase.weight,
+        latest=latest,
     )
 
 
-def set_weight(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, weight: float) -> RolloutState:
+def set_weight(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, weight: float, *, latest: Verdict | None = None
+) -> RolloutState:
     """A manual weight; automation pauses until `resume`."""
     if not 0.0 <= weight <= 1.0:
         raise TransitionError(f"weight must be within [0, 1], got {weight}")
@@ -236,16 +259,23 @@ def set_weight(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float,
         to_status="paused",
         reason=f"operator set the canary weight to {weight:g}",
         weight=weight,
+        latest=latest,
     )
 
 
-def rollback(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str) -> RolloutState:
+def rollback(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str, *, latest: Verdict | None = None
+) -> RolloutState:
     if state.status == "rolled_back":
         raise TransitionError("the rollout is already rolled back")
-    return _move(state, phases, now, action="rollback", to_status="rolled_back", reason=reason, weight=0.0)
+    return _move(
+        state, phases, now, action="rollback", to_status="rolled_back", reason=reason, weight=0.0, latest=latest
+    )
 
 
-def restart(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> RolloutState:
+def restart(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
+) -> RolloutState:
     """A new attempt from the first phase, after a rollback."""
     if state.status != "rolled_back":
         raise TransitionError(f"only a rolled-back rollout can restart; it is {state.status}")
@@ -260,3 +290,53 @@ def restart(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) ->
         weight=phases[0].weight,
         attempt=state.attempt + 1,
     )
+
+
+def reconfigure(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
+) -> RolloutState:
+    """Adopt a changed config for the same version pair.
+
+    The rollout keeps its place, clamped to the new plan: a shorter plan never promotes by
+    itself (an unfinished rollout stays below the last, full phase), and a running rollout
+    takes its phase's (possibly new) weight; a manual or rolled-back weight stays.
+    """
+    last_partial = len(phases) - 2
+    if state.status == "complete":
+        index = len(phases) - 1
+    else:
+        index = min(state.phase_index, last_partial)
+    status = state.status
+    if status == "awaiting_approval" and not phases[index + 1].approval:
+        status = "running"
+    weight = phases[index].weight if status in ("running", "awaiting_approval", "complete") else state.weight
+    return _move(
+        state,
+        phases,
+        now,
+        action="configure",
+        to_status=status,
+        reason="adopted a changed config",
+        phase_index=index,
+        weight=weight,
+        latest=latest,
+    )
+
+
+def waiting_for(state: RolloutState, phases: tuple[PhaseConfig, ...], latest: Verdict | None, now: float) -> str | None:
+    """What the rollout waits for before its next move, in words; None once complete."""
+    phase = phases[state.phase_index]
+    if state.status == "complete":
+        return None
+    if state.status == "rolled_back":
+        return "an operator restart (rolled back)"
+    if state.status == "paused":
+        return "an operator resume (automation paused)"
+    if state.status == "awaiting_approval":
+        return f"operator approval to enter phase {phases[state.phase_index + 1].name}"
+    if latest is None:
+        return "the first evaluation of this phase"
+    if latest.decision != "pass":
+        return latest.reason
+    remaining = phase.min_duration_s - (now - state.phase_started_at)
+    return f"{remaining:.0f} s more in phase {phase.name} (min_duration_s {phase.min_duration_s:g})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Arm = Literal["stable", "canary"]
 ARMS: tuple[Arm, Arm] = ("stable", "canary")
@@ -40,10 +40,10 @@ class RoutingTable:
         object.__setattr__(self, "_threshold", int(self.canary_weight * _SPACE))
         object.__setattr__(self, "_hasher", hashlib.blake2b(self.salt.encode() + b"\x00", digest_size=8))
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__ if not name.startswith("_")}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             object.__setattr__(self, name, value)
         self.__post_init__()

@@ -100,7 +100,6 @@ class _Attempt:
         error_kind: str | None = None,
         prompt_tokens: int = 0,
         output_tokens: int = 0,
-        finish_reason: str | None = None,
     ) -> RequestRecord:
         now = self.clock()
         ttft = None if self.first_at is None else self.first_at - self.started
@@ -119,8 +118,6 @@ class _Attempt:
             now - self.started,
             prompt_tokens,
             output_tokens,
-            finish_reason,
-            self.table.canary_weight,
         )
 
 
@@ -241,14 +238,10 @@ async def serve_request(
 def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:
     body: dict[str, Any] = response.model_dump(mode="json") if hasattr(response, "model_dump") else dict(response)
     tokens = body.get("usage") or {}
-    outcome, error_kind = _outcome(reasons := _finish_reasons(body.get("choices")))
+    outcome, error_kind = _outcome(_finish_reasons(body.get("choices")))
     record(
         attempt.record(
-            outcome,
-            error_kind,
-            int(tokens.get("prompt_tokens") or 0),
-            int(tokens.get("completion_tokens") or 0),
-            reasons[0] if reasons else None,
+            outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0)
         )
     )
     body["serve_canary"] = {"arm": endpoint.name, "version": endpoint.version, "table_version": attempt.table.version}
@@ -299,4 +292,4 @@ async def _relay(
                 outcome, completion = "cancelled", completion or received
         elif outcome == "ok":
             outcome, error_kind = _outcome([finish] if finish else [])
-        record(attempt.record(outcome, error_kind, prompt, completion, finish))
+        record(attempt.record(outcome, error_kind, prompt, completion))

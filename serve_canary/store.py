@@ -10,15 +10,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 _NAMESPACE = "serve_canary"
+Document = dict[str, Any]  # {"config": …, "state": …}
 
 
 class StateStore(Protocol):
-    def load(self) -> dict | None: ...
+    def load(self) -> Document | None: ...
 
-    def save(self, document: dict) -> None: ...
+    def save(self, document: Document) -> None: ...
 
 
 class GcsStore:
@@ -27,13 +28,13 @@ class GcsStore:
     def __init__(self, key: str) -> None:
         self._key = key.encode()
 
-    def load(self) -> dict | None:
+    def load(self) -> Document | None:
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get(self._key, namespace=_NAMESPACE)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else _document(raw)
 
-    def save(self, document: dict) -> None:
+    def save(self, document: Document) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
         _internal_kv_put(self._key, json.dumps(document).encode(), overwrite=True, namespace=_NAMESPACE)
@@ -45,13 +46,13 @@ class FileStore:
     def __init__(self, path: Path) -> None:
         self._path = path
 
-    def load(self) -> dict | None:
+    def load(self) -> Document | None:
         try:
-            return json.loads(self._path.read_text())
+            return _document(self._path.read_bytes())
         except FileNotFoundError:
             return None
 
-    def save(self, document: dict) -> None:
+    def save(self, document: Document) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.")
         with os.fdopen(fd, "w") as out:
@@ -59,6 +60,13 @@ class FileStore:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self._path)
+
+
+def _document(raw: bytes) -> Document:
+    document = json.loads(raw)
+    if not isinstance(document, dict):
+        raise ValueError(f"a state document is a JSON object, not {type(document).__name__}")
+    return document
 
 
 def open_store(uri: str, app_name: str) -> StateStore:

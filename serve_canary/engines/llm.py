@@ -34,7 +34,7 @@ class CanaryLLMServer(LLMServer):
     """`LLMServer` with first-item stream batching, warm-up and engine shutdown."""
 
     async def start(self) -> None:
-        await super().start()
+        await super().start()  # type: ignore[no-untyped-call]  # Ray leaves it untyped
         started = time.perf_counter()
         model_id = self._llm_config.model_id
         completion = CompletionRequest.model_validate(

@@ -15,9 +15,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
+from serve_canary.batching import batched
+from serve_canary.config import SimulatedEngineArgs
 from serve_canary.openai_api import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -30,22 +29,6 @@ from serve_canary.openai_api import (
 )
 
 _WORDS = ("the", "canary", "sings", "while", "stable", "models", "serve", "tokens", "to", "users")
-
-
-class SimulatedEngineArgs(BaseModel):
-    """The engine's knobs; times in milliseconds, rates in [0, 1]."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ttft_ms: float = Field(default=50.0, ge=0.0)
-    itl_ms: float = Field(default=10.0, ge=0.0)
-    jitter: float = Field(default=0.1, ge=0.0, le=1.0, description="each delay × uniform(1 ± jitter)")
-    output_tokens: int = Field(default=32, ge=1)
-    error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail before the first token")
-    midstream_error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail halfway")
-    max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
-    stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
-    seed: int | None = None
 
 
 def count_prompt_tokens(request: ChatCompletionRequest | CompletionRequest) -> int:

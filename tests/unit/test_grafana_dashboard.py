@@ -6,8 +6,12 @@ import json
 import re
 from pathlib import Path
 
-from serve_canary.metrics import RequestRecord
+from serve_canary import rollout
+from serve_canary.config import HealthConfig, PhaseConfig
+from serve_canary.judge import judge
+from serve_canary.metrics import ArmAggregate, RequestRecord
 from serve_canary.prometheus import PrometheusExporter
+from serve_canary.status import describe
 
 DASHBOARD = Path(__file__).parents[2] / "deployments" / "grafana" / "serve-canary.json"
 PROMQL_WORDS = {
@@ -39,20 +43,17 @@ def exported_names() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     exporter = PrometheusExporter("m")
-    exporter.record([RequestRecord("r", "w", "canary", "v2", "ok", None, 0.1, 0.01, 0.5, 3, 5, "stop", 0.1)])
+    served = RequestRecord("r", "w", "canary", "v2", "ok", None, 0.1, 0.01, 0.5, 3, 5)
+    exporter.record([served])
     exporter.feedback("canary", "v2", 4.0, True)
-    exporter.rollout(
-        {
-            "rollout_id": "r",
-            "attempt": 1,
-            "phase": "p",
-            "phase_index": 0,
-            "status": "running",
-            "canary_weight": 0.1,
-            "events": [{"action": "rollback", "at": 1.0}],
-            "last_verdict": {"decision": "wait", "checks": [{"metric": "e", "stats": {"e_value": 1.0}}]},
-        }
-    )
+    phases = (PhaseConfig(name="p", weight=0.1), PhaseConfig(name="full", weight=1.0))
+    started = rollout.start("r", "v1", "v2", phases, 0.0)
+    rolled_back = rollout.rollback(started, phases, 1.0, "by hand")
+    arms = ArmAggregate(), ArmAggregate()
+    for aggregate in arms:
+        aggregate.add(served)
+    verdict = judge(*arms, HealthConfig(), 1, 0.01)
+    exporter.rollout(describe("app", "m", rolled_back, phases, verdict, None, None, 1.0), rolled_back.events[-1])
     return {s.name for f in text_string_to_metric_families(exporter.exposition().decode()) for s in f.samples}
 
 

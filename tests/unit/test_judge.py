@@ -33,8 +33,6 @@ def arm(
                 latency_s * noise,
                 3,
                 0 if failed else 10,
-                None if failed else "stop",
-                0.1,
             )
         )
     return aggregate
@@ -63,8 +61,8 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
         "hallucination_rate",
     }
     error = verdict.checks[0]
-    assert error.stats["e_value"] < error.stats["e_threshold"]
-    assert error.stats["not_worse_e_value"] >= error.stats["not_worse_threshold"]
+    assert error.stats.e_value < error.stats.e_threshold
+    assert error.stats.not_worse_e_value >= error.stats.not_worse_threshold
 
 
 def test_equal_arms_with_little_data_wait_rather_than_pass():
@@ -86,7 +84,7 @@ def test_no_errors_anywhere_passes_on_the_absolute_bound():
 def test_too_few_clean_requests_wait_and_say_both_ways_to_pass():
     verdict = judge(arm(2000, 0, seed=1), arm(100, 0, seed=2), HEALTH, 100, ALPHA)
     error = verdict.checks[0]
-    upper = error.stats["canary_rate_bounds"][1]
+    upper = error.stats.canary_rate_bounds[1]
     assert error.decision == "wait" and upper > HEALTH.max_error_rate
     assert "canary/stable < 1.5" in error.reason and f"rate is ≤ 1.00% (upper bound {upper:.2%})" in error.reason
 
@@ -101,7 +99,7 @@ def test_slower_first_token_fails_naming_ttft():
     verdict = judge(arm(500, ttft_s=0.05, seed=1), arm(200, ttft_s=0.15, seed=2), HEALTH, 100, ALPHA)
     assert verdict.decision == "fail" and "ttft_p95_ms" in verdict.failed_metrics
     ttft = next(c for c in verdict.checks if c.metric == "ttft_p95_ms")
-    assert ttft.stats["canary_over_stable_p95"] > 150 and ttft.canary > 2 * ttft.stable
+    assert ttft.stats.canary_over_stable_p95 > 150 and ttft.canary > 2 * ttft.stable
 
 
 def test_absolute_latency_limit_fails_with_confidence_only():
@@ -135,3 +133,13 @@ def test_verdict_is_json_ready():
 
     verdict = judge(arm(300, 3, seed=1), arm(300, 3, seed=2), HEALTH, 100, ALPHA)
     assert json.loads(json.dumps(verdict.to_dict()))["checks"][0]["metric"] == "error_rate"
+
+
+def test_a_closed_windows_evidence_carries_into_later_looks():
+    # Neither window alone shows the canary's 4 % against stable's 1 %; both together do.
+    first = judge(arm(2000, 20, seed=1), arm(200, 8, seed=2), HEALTH, 100, ALPHA)
+    later = (arm(2000, 20, seed=3), arm(200, 8, seed=4))
+    assert first.decision != "fail" and judge(*later, HEALTH, 100, ALPHA).decision != "fail"
+    assert first.evidence["error_rate"] == (8, 20, 200 / 2200)
+    verdict = judge(*later, HEALTH, 100, ALPHA, earlier=[first.evidence])
+    assert verdict.failed_metrics == ["error_rate"]

@@ -9,7 +9,7 @@ from serve_canary.metrics import MetricsLedger, RequestRecord, Reservoir, quanti
 
 def record(request_id: str, arm: str = "canary", window: str = "w1", outcome: str = "ok") -> RequestRecord:
     return RequestRecord(
-        request_id, window, arm, "v2" if arm == "canary" else "v1", outcome, None, 0.05, 0.01, 0.4, 5, 10, "stop", 0.2
+        request_id, window, arm, "v2" if arm == "canary" else "v1", outcome, None, 0.05, 0.01, 0.4, 5, 10
     )
 
 
@@ -61,3 +61,13 @@ def test_attribution_memory_is_bounded():
     ledger.add([record(f"r{i}") for i in range(1000)])
     assert ledger.add_feedback("r0", 1.0, None) is None
     assert ledger.add_feedback("r999", 1.0, None) is not None
+
+
+def test_the_ledger_keeps_only_the_latest_windows_and_reading_creates_none():
+    ledger = MetricsLedger(window_capacity=2)
+    assert ledger.window("never")["canary"].requests == 0 and ledger.windows == []
+    for window in ("w1", "w2", "w3"):
+        ledger.add([record(f"{window}-r", window=window)])
+    assert ledger.windows == ["w2", "w3"]
+    assert ledger.window("w1")["canary"].requests == 0
+    assert ledger.add_feedback("w1-r", 1.0, True) is not None  # still attributed (for Prometheus), not judged

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_canary.metrics import RequestRecord
+from serve_canary import rollout
+from serve_canary.config import HealthConfig, PhaseConfig
+from serve_canary.judge import Verdict, judge
+from serve_canary.metrics import ArmAggregate, RequestRecord
 from serve_canary.prometheus import TTFT_BUCKETS, PrometheusExporter
+from serve_canary.rollout import RolloutState
+from serve_canary.status import RolloutStatus, describe
 
 
 def samples(exporter: PrometheusExporter) -> dict[tuple, float]:
@@ -29,23 +34,25 @@ def record(arm: str, outcome: str = "ok", ttft: float = 0.05) -> RequestRecord:
         0.5,
         4,
         10,
-        "stop",
-        0.2,
     )
 
 
-def status(**overrides) -> dict:
-    base = {
-        "rollout_id": "v1..v2",
-        "attempt": 1,
-        "phase": "early",
-        "phase_index": 1,
-        "status": "running",
-        "canary_weight": 0.2,
-        "events": [],
-        "last_verdict": {"decision": "wait", "checks": [{"metric": "error_rate", "stats": {"e_value": 3.5}}]},
-    }
-    return {**base, **overrides}
+PHASES = (
+    PhaseConfig(name="init", weight=0.05),
+    PhaseConfig(name="early", weight=0.2),
+    PhaseConfig(name="full", weight=1.0),
+)
+
+
+def status(state: RolloutState, verdict: Verdict | None = None) -> RolloutStatus:
+    return describe("app", "m", state, PHASES, verdict, None, None, state.events[-1].at)
+
+
+def errors(requests: int, errors: int) -> ArmAggregate:
+    aggregate = ArmAggregate()
+    for i in range(requests):
+        aggregate.add(record("stable", "error" if i < errors else "ok"))
+    return aggregate
 
 
 def test_requests_and_latencies_are_labelled_by_model_arm_version():
@@ -75,22 +82,29 @@ def test_requests_and_latencies_are_labelled_by_model_arm_version():
 
 def test_rollout_gauges_follow_the_status_and_rollbacks_count_once():
     exporter = PrometheusExporter("m")
-    exporter.rollout(status())
-    rollback = {"action": "auto_rollback", "at": 10.0}
-    exporter.rollout(status(status="rolled_back", canary_weight=0.0, events=[rollback]))
-    exporter.rollout(status(status="rolled_back", canary_weight=0.0, events=[rollback]))
+    started = rollout.start("v1..v2", "v1", "v2", PHASES, 0.0)
+    verdict = judge(errors(400, 2), errors(100, 10), HealthConfig(), 100, 0.01)
+    exporter.rollout(status(started, verdict), started.events[-1])
+    rolled_back = rollout.evaluate(started, verdict, PHASES, 1.0, auto_rollback=True)
+    exporter.rollout(status(rolled_back), rolled_back.events[-1])
+    exporter.rollout(status(rolled_back), None)  # republished by a later evaluation: not a second rollback
     got = samples(exporter)
     assert got[("serve_canary_canary_weight", (("model", "m"),))] == 0.0
     assert got[("serve_canary_rollout_status", (("model", "m"), ("status", "rolled_back")))] == 1.0
     assert got[("serve_canary_rollout_status", (("model", "m"), ("status", "running")))] == 0.0
     assert got[("serve_canary_rollbacks_total", (("model", "m"), ("reason", "automatic")))] == 1.0
-    assert got[("serve_canary_judge_e_value", (("metric", "error_rate"), ("model", "m")))] == 3.5
+    error_check = next(check for check in verdict.checks if check.metric == "error_rate")
+    assert error_check.stats is not None and error_check.stats.e_value > 100
+    assert got[("serve_canary_judge_e_value", (("metric", "error_rate"), ("model", "m")))] == error_check.stats.e_value
 
 
 def test_phase_gauge_keeps_one_series_per_model():
     exporter = PrometheusExporter("m")
-    exporter.rollout(status(phase="init", phase_index=0))
-    exporter.rollout(status(phase="early", phase_index=1))
+    started = rollout.start("v1..v2", "v1", "v2", PHASES, 0.0)
+    exporter.rollout(status(started), started.events[-1])
+    promoted = rollout.evaluate(started, Verdict("pass", "healthy", (), 100, 100), PHASES, 1.0, auto_rollback=True)
+    assert promoted.phase_index == 1
+    exporter.rollout(status(promoted), promoted.events[-1])
     phases = [labels for (name, labels) in samples(exporter) if name == "serve_canary_rollout_phase"]
     assert phases == [(("model", "m"), ("phase", "early"), ("rollout_id", "v1..v2"))]
 

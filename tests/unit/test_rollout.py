@@ -5,8 +5,20 @@ from __future__ import annotations
 import pytest
 
 from serve_canary.config import PhaseConfig
-from serve_canary.judge import Verdict
-from serve_canary.rollout import TransitionError, approve, evaluate, pause, restart, resume, rollback, set_weight, start
+from serve_canary.judge import MetricCheck, Verdict
+from serve_canary.rollout import (
+    TransitionError,
+    approve,
+    evaluate,
+    pause,
+    reconfigure,
+    restart,
+    resume,
+    rollback,
+    set_weight,
+    start,
+    waiting_for,
+)
 
 PHASES = (
     PhaseConfig(name="init", weight=0.05, min_duration_s=10),
@@ -17,6 +29,10 @@ PHASES = (
 PASS = Verdict("pass", "healthy", (), 100, 100)
 WAIT = Verdict("wait", "waiting for traffic", (), 3, 100)
 FAIL = Verdict("fail", "error_rate 20% above 1%", (), 100, 100)
+EVIDENCE = {"error_rate": (1, 20, 0.05)}
+PASS_WITH_EVIDENCE = Verdict(
+    "pass", "healthy", (MetricCheck("error_rate", 0.01, 0.01, 1.5, "pass", "shown", None, (1, 20, 0.05)),), 100, 100
+)
 
 
 def fresh(now: float = 0.0):
@@ -150,10 +166,37 @@ def test_state_round_trips_through_json():
     assert RolloutState.model_validate_json(state.model_dump_json()) == state
 
 
-def test_attempt_windows_span_the_phases_of_one_attempt_only():
-    state = walk_to_approval()
-    assert state.attempt_windows == [f"v1..v2/1/{seq}" for seq in range(0, 3)]
+def test_closed_windows_leave_their_last_evidence_to_their_attempt_only():
+    state = fresh()
+    for t in (10, 20, 30):  # init → early → progress → awaiting approval: two windows closed
+        state = evaluate(state, PASS_WITH_EVIDENCE, PHASES, t, auto_rollback=True)
+    assert state.evidence == (EVIDENCE, EVIDENCE)
+    assert approve(state, PHASES, 31, latest=PASS_WITH_EVIDENCE).evidence == (EVIDENCE,) * 3
+    assert pause(state, PHASES, 31, "look", latest=PASS_WITH_EVIDENCE).evidence == (EVIDENCE,) * 2  # same window
     again = restart(evaluate(state, FAIL, PHASES, 40, True), PHASES, 41)
-    assert again.attempt_windows == [again.window] and again.window.startswith("v1..v2/2/")
-    promoted = evaluate(again, PASS, PHASES, 51, True)
-    assert promoted.attempt_windows == [again.window, promoted.window]
+    assert again.evidence == () and again.window.startswith("v1..v2/2/")
+    assert set_weight(again, PHASES, 42, 0.3, latest=None).evidence == ()  # nothing judged: nothing to carry
+
+
+def test_a_shorter_plan_is_adopted_as_an_event_and_never_promotes_by_itself():
+    at_progress = evaluate(evaluate(fresh(), PASS, PHASES, 10, True), PASS, PHASES, 20, True)
+    shorter = (PHASES[0], PHASES[1], PhaseConfig(name="full", weight=1.0))
+    adopted = reconfigure(at_progress, shorter, 25)
+    assert (adopted.phase_index, adopted.weight, adopted.status) == (1, 0.2, "running")
+    assert adopted.events[-1].action == "configure" and adopted.window != at_progress.window
+    awaiting = evaluate(at_progress, PASS, PHASES, 30, True)
+    no_gate = (*PHASES[:3], PhaseConfig(name="full", weight=1.0))
+    assert awaiting.status == "awaiting_approval"
+    assert reconfigure(awaiting, no_gate, 31).status == "running"
+    manual = set_weight(at_progress, PHASES, 21, 0.3)
+    assert reconfigure(manual, PHASES, 22).weight == 0.3  # a manual weight stays
+
+
+def test_waiting_for_says_what_the_next_move_needs():
+    state = fresh()
+    assert waiting_for(state, PHASES, None, 1) == "the first evaluation of this phase"
+    assert waiting_for(state, PHASES, WAIT, 1) == "waiting for traffic"
+    assert waiting_for(state, PHASES, PASS, 4) == "6 s more in phase init (min_duration_s 10)"
+    awaiting = walk_to_approval()
+    assert waiting_for(awaiting, PHASES, PASS, 31) == "operator approval to enter phase full"
+    assert waiting_for(rollback(awaiting, PHASES, 32, "bad"), PHASES, None, 33) == "an operator restart (rolled back)"

@@ -84,7 +84,7 @@ async def test_unary_answer_is_the_arms_body_and_one_ok_record():
     [record] = records
     assert (record.arm, record.outcome, record.output_tokens, record.prompt_tokens) == ("stable", "ok", 4, 3)
     assert record.request_id == served.request_id == served.body["id"]  # what feedback names
-    assert record.finish_reason == "length" and record.ttft_s is not None and record.e2e_s >= record.ttft_s
+    assert record.ttft_s is not None and record.e2e_s >= record.ttft_s
 
 
 async def test_stream_relays_batches_whole_and_strips_usage_the_client_did_not_ask_for():
@@ -99,7 +99,7 @@ async def test_stream_relays_batches_whole_and_strips_usage_the_client_did_not_a
     assert len(text.split()) == FAST["output_tokens"]
     assert len(blocks) < len(events)  # batches, not one message per token
     [record] = records
-    assert (record.outcome, record.output_tokens, record.finish_reason) == ("ok", 6, "stop")
+    assert (record.outcome, record.output_tokens, record.error_kind) == ("ok", 6, None)
     assert record.itl_s is not None and record.itl_s > 0
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from scipy.stats import binomtest
 
-from serve_canary.engines.simulated import SimulatedEngine, SimulatedEngineArgs
+from serve_canary.config import SimulatedEngineArgs
+from serve_canary.engines.simulated import SimulatedEngine
 from serve_canary.openai_api import ChatCompletionRequest, CompletionRequest, ErrorResponse
 
 

@@ -1,7 +1,10 @@
-"""The KubeRay RayService ships configs/canary.yaml's application, valid for Ray Serve."""
+"""Packaging: the KubeRay RayService ships configs/canary.yaml's application, valid for Ray Serve; simulated
+arms build without Ray Serve LLM or vLLM."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,3 +38,18 @@ def test_head_has_no_gpus_and_a_gpu_worker_group_hosts_the_arms():
         for g in cluster["workerGroupSpecs"]
     ]
     assert all(int(g) >= 2 for g in gpus)  # tensor_parallel_size 2 fits on one worker
+
+
+def test_simulated_arms_build_without_importing_ray_serve_llm_or_vllm():
+    args = {
+        "model_name": "m",
+        "stable": {"version": "v1", "engine": "simulated"},
+        "canary": {"version": "v2", "engine": "simulated"},
+    }
+    script = (
+        "import sys; from serve_canary.app import build_app; "
+        f"build_app({args!r}); "
+        "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('ray.serve.llm')))"
+    )
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert imported.stdout.strip() == "[]"

@@ -1,0 +1,86 @@
+"""The rollout status: one typed model that the controller builds and everyone else reads.
+
+The CLI, the HTTP status route (and the page behind it), the Prometheus exporter and the
+tests all read these fields; JSON is `model_dump(mode="json")`, and it parses back with
+`RolloutStatus.model_validate`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from serve_canary.config import PhaseConfig
+from serve_canary.judge import Verdict
+from serve_canary.metrics import ArmSummary
+from serve_canary.rollout import Event, RolloutState, Status, waiting_for
+from serve_canary.routing import Arm
+
+RECENT_EVENTS = 20
+
+
+class ReplicaInfo(BaseModel):
+    """Which routing table the ingress replica that answered routes by."""
+
+    id: str
+    actor_id: str | None
+    table_version: int
+    canary_weight: float
+
+
+class RolloutStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    app: str
+    model: str
+    rollout_id: str
+    attempt: int
+    stable_version: str
+    canary_version: str
+    status: Status
+    phase: str
+    phase_index: int
+    phases: tuple[PhaseConfig, ...]
+    canary_weight: float
+    time_in_phase_s: float
+    waiting_for: str | None
+    table_version: int
+    window: str
+    evaluated_at: float | None
+    last_verdict: Verdict | None
+    arms: dict[Arm, ArmSummary] | None  # the current window, as last judged
+    events: tuple[Event, ...]  # the most recent, oldest first
+    replica: ReplicaInfo | None = None
+
+
+def describe(
+    app: str,
+    model: str,
+    state: RolloutState,
+    phases: tuple[PhaseConfig, ...],
+    latest: Verdict | None,
+    arms: dict[Arm, ArmSummary] | None,
+    evaluated_at: float | None,
+    now: float,
+) -> RolloutStatus:
+    """The status of `state` under `phases`, with the latest verdict on its current window."""
+    return RolloutStatus(
+        app=app,
+        model=model,
+        rollout_id=state.rollout_id,
+        attempt=state.attempt,
+        stable_version=state.stable_version,
+        canary_version=state.canary_version,
+        status=state.status,
+        phase=phases[state.phase_index].name,
+        phase_index=state.phase_index,
+        phases=phases,
+        canary_weight=state.weight,
+        time_in_phase_s=round(now - state.phase_started_at, 3),
+        waiting_for=waiting_for(state, phases, latest, now),
+        table_version=state.table_version,
+        window=state.window,
+        evaluated_at=evaluated_at,
+        last_verdict=latest,
+        arms=arms,
+        events=state.events[-RECENT_EVENTS:],
+    )
