@@ -271,7 +271,7 @@ async def propagation(changes: int) -> dict[str, float]:
         while len(seen) < 2 or min(seen.values()) < version:
             statuses = await asyncio.gather(*(handle.status.remote() for _ in range(4)))
             for status in statuses:
-                seen[status["replica"]["id"]] = status["replica"]["table_version"]
+                seen[status.replica.id] = status.replica.table_version
         delays.append(time.perf_counter() - started)
     ordered = np.sort(np.asarray(delays)) * 1000.0
     return {

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class CanaryIngress:
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         await self._controller.configure(self._config)
         self._table: RoutingTable = await self._controller.get_table(-1, 0.0)
+        self._table_adopted_at = time.time()
         self._records: list[RequestRecord] = []
         loop = asyncio.get_running_loop()
         self._background = (loop.create_task(self._follow_table()), loop.create_task(self._flush_forever()))
@@ -151,7 +153,9 @@ class CanaryIngress:
         backoff = 0.1
         while True:
             try:
-                self._table = await self._controller.get_table(self._table.version, LONG_POLL_TIMEOUT_S)
+                table = await self._controller.get_table(self._table.version, LONG_POLL_TIMEOUT_S)
+                if table.version != self._table.version:
+                    self._table, self._table_adopted_at = table, time.time()
                 backoff = 0.1
             except Exception as exc:
                 logger.warning(
@@ -223,6 +227,7 @@ class CanaryIngress:
             id=self._replica_id,
             actor_id=self._actor_id,
             table_version=self._table.version,
+            table_adopted_at=self._table_adopted_at,
             canary_weight=self._table.canary_weight,
         )
         return (await self._controller.status()).model_copy(update={"replica": replica})

@@ -14,7 +14,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 

@@ -24,6 +24,7 @@ class ReplicaInfo(BaseModel):
     id: str
     actor_id: str | None
     table_version: int
+    table_adopted_at: float  # when this replica started routing by it (epoch seconds)
     canary_weight: float
 
 

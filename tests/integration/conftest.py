@@ -95,7 +95,19 @@ class App:
         return self.http.post("/v1/chat/completions", json=payload, headers=headers)
 
     def status(self) -> dict[str, Any]:
-        return self.handle.status.remote().result()
+        """The status as JSON, as the HTTP route and the page see it (through the handle API)."""
+        return self.handle.status.remote().result().model_dump(mode="json")
+
+    def evaluations(self, count: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait for `count` more evaluations by the controller; return the status after them."""
+        seen = {self.status()["evaluated_at"]}
+
+        def evaluated() -> dict[str, Any] | None:
+            status = self.status()
+            seen.add(status["evaluated_at"])
+            return status if len(seen) > count else None
+
+        return wait_for(evaluated, timeout_s, f"{count} evaluations")
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.http.request(

@@ -70,7 +70,7 @@ def query(url: str, promql: str) -> list[dict]:
 def test_promql_sees_the_per_arm_error_rate_and_the_weight(deploy, prometheus, cluster):
     app = deploy(app_args(canary_engine={"error_rate": 0.3}, rollout=HOLD))
     url = prometheus(f"127.0.0.1:{cluster['port']}", f"/{app.name}/metrics")
-    window = ray.get(app.controller.set_weight.remote(0.5))["window"]
+    window = ray.get(app.controller.set_weight.remote(0.5)).window
     wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 5, "new table")
     for i in range(300):
         assert app.chat(user=f"user-{i}").status_code == 200
