@@ -5,20 +5,27 @@ Ingress replicas send it batches fire-and-forget; the controller reads a window 
 
 from __future__ import annotations
 
+import time
+
 import ray
 
+from serve_canary.feedback import Attribution, ReplayGuard
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 from serve_canary.prometheus import PrometheusExporter
 from serve_canary.rollout import Event
 from serve_canary.routing import Arm
 from serve_canary.status import RolloutStatus
 
+RATED_CAPACITY = 1_000_000  # request ids remembered as rated (~100 MB at most)
+
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MetricsCollector:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, token_ttl_s: float) -> None:
         self._ledger = MetricsLedger()
         self._exporter = PrometheusExporter(model)
+        # Started or restarted, it forgets what was rated: answers given before now cannot be rated.
+        self._rated = ReplayGuard(RATED_CAPACITY, horizon=time.time() + token_ttl_s)
 
     def record(self, records: list[RequestRecord]) -> None:
         self._ledger.add(records)
@@ -34,10 +41,10 @@ class MetricsCollector:
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         return self._ledger.window(window)
 
-    def feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> dict[str, str] | None:
-        """Attribute feedback to the arm that served the request; None when the id is unknown."""
-        attribution = self._ledger.add_feedback(request_id, rating, hallucination)
-        if attribution is None:
-            return None
+    def feedback(self, attribution: Attribution, rating: float | None, hallucination: bool | None) -> bool:
+        """Count feedback on a request once; False (and nothing counted) if it was rated before."""
+        if not self._rated.admit(attribution, time.time()):
+            return False
+        self._ledger.add_feedback(attribution.window, attribution.arm, rating, hallucination)
         self._exporter.feedback(attribution.arm, attribution.version, rating, hallucination)
-        return {"arm": attribution.arm, "version": attribution.version}
+        return True

@@ -156,6 +156,21 @@ class HealthConfig(_Schema):
     )
 
 
+class FeedbackConfig(_Schema):
+    """What feedback is accepted: ratings within a range, with a token no older than `token_ttl_s`."""
+
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    token_ttl_s: float = Field(default=3600.0, gt=0.0, description="how long after its answer a request can be rated")
+    max_per_s: float = Field(default=50.0, gt=0.0, description="feedback posts per second per ingress replica")
+
+    @model_validator(mode="after")
+    def _range(self) -> FeedbackConfig:
+        if not self.rating_min < self.rating_max:
+            raise ValueError(f"rating_min must be below rating_max, got {self.rating_min} and {self.rating_max}")
+        return self
+
+
 class CanaryConfig(_Schema):
     """Everything `build_app` needs: the two arms, routing, the rollout plan and health."""
 
@@ -166,6 +181,12 @@ class CanaryConfig(_Schema):
     rollout: RolloutConfig = RolloutConfig()
     health: HealthConfig = HealthConfig()
     failover: bool = Field(default=True, description="retry on stable when the canary fails before its first token")
+    canary_first_token_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="with failover, a canary without a first token by then is left for stable (as `unavailable`)",
+    )
+    feedback: FeedbackConfig = FeedbackConfig()
     state_store: str = Field(default="gcs", description="'gcs' (Ray's GCS key-value store) or 'file:///abs/path'")
 
     @field_validator("state_store")

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import ray
+from pydantic import ValidationError
 from ray.actor import ActorHandle
 from ray.exceptions import RayTaskError
 
 from serve_canary import rollout
 from serve_canary.collector import MetricsCollector
 from serve_canary.config import CanaryConfig
+from serve_canary.feedback import KEY_BYTES
 from serve_canary.judge import Verdict, judge
 from serve_canary.metrics import ArmSummary
 from serve_canary.rollout import Event, RolloutState, TransitionError
 from serve_canary.routing import Arm, RoutingTable
+from serve_canary.serving import failure_message
 from serve_canary.status import RolloutStatus, describe
-from serve_canary.store import open_store
+from serve_canary.store import StateUnreadable, open_store
 
 NAMESPACE = "serve_canary"
 T = TypeVar("T")
@@ -68,11 +72,11 @@ class RolloutController:
         # start_actors registers the collector before this actor, and a detached handle
         # stays valid across the collector's restarts.
         self._collector = ray.get_actor(collector_name(app_name), namespace=NAMESPACE)
-        self._store = open_store(CanaryConfig.model_validate(config).state_store, app_name)
-        persisted = self._store.load()
-        self._config = CanaryConfig.model_validate(persisted["config"] if persisted else config)
-        self._state: RolloutState | None = RolloutState.model_validate(persisted["state"]) if persisted else None
-        self._table: RoutingTable | None = table_for(self._state, self._config) if self._state else None
+        self._config = CanaryConfig.model_validate(config)
+        self._store = open_store(self._config.state_store, app_name)
+        self._feedback_key = secrets.token_bytes(KEY_BYTES)
+        self._state: RolloutState | None = None
+        self._table: RoutingTable | None = None
         self._changed = asyncio.Event()
         # Held from reading the state to publishing its successor, so that no transition is
         # computed from a state that another one is replacing.
@@ -80,8 +84,37 @@ class RolloutController:
         self._last_verdict: Verdict | None = None
         self._last_window: dict[Arm, ArmSummary] | None = None
         self._evaluated_at: float | None = None
-        await self.configure(self._config.model_dump(mode="json"))
+        if self._load():
+            await self.configure(self._config.model_dump(mode="json"))
         self._loop = asyncio.get_running_loop().create_task(self._evaluate_forever())
+
+    def _load(self) -> bool:
+        """Adopt the stored config, state and feedback key; False (and a `state_error` stand-in
+        routing all traffic to stable) when the stored state cannot be read."""
+        try:
+            document = self._store.load()
+            if document is not None:
+                config = CanaryConfig.model_validate(document["config"])
+                state = RolloutState.model_validate(document["state"])
+                key = bytes.fromhex(document["feedback_key"]) if "feedback_key" in document else self._feedback_key
+        except (StateUnreadable, ValidationError, KeyError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, StateUnreadable) else f"{self._store.location}: {failure_message(exc)}"
+            logger.error("rollout state unreadable; routing everything to stable: %s", reason)
+            if self._state is None or self._state.status != "state_error":
+                stand_in = rollout.unreadable(
+                    rollout_id_for(self._config),
+                    self._config.stable.served_version,
+                    self._config.canary.served_version,
+                    self._config.rollout.phases,
+                    time.time(),
+                    reason,
+                )
+                self._publish(stand_in)
+            return False
+        if document is not None:
+            self._config, self._feedback_key = config, key
+            self._publish(state)
+        return True
 
     # -- state ----------------------------------------------------------------------------
 
@@ -89,16 +122,24 @@ class RolloutController:
         """Persist, then publish: a table is never visible unless its state is durable.
         Returns the published status. Callers hold `self._transition`.
         """
-        document = {"config": self._config.model_dump(mode="json"), "state": state.model_dump(mode="json")}
+        document = {
+            "config": self._config.model_dump(mode="json"),
+            "state": state.model_dump(mode="json"),
+            "feedback_key": self._feedback_key.hex(),
+        }
         await asyncio.to_thread(self._store.save, document)
+        self._publish(state)
+        logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
+        return self._publish_status(state.events[-1])
+
+    def _publish(self, state: RolloutState) -> None:
+        """Make `state` current and its table the one replicas route by."""
         if self._state is not None and state.window != self._state.window:
             self._last_verdict, self._last_window = None, None
         self._state = state
         self._table = table_for(state, self._config)
         self._changed.set()
         self._changed = asyncio.Event()
-        logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
-        return self._publish_status(state.events[-1])
 
     def _publish_status(self, transition: Event | None) -> RolloutStatus:
         """Send the status (and the transition just made) to the collector, fire-and-forget,
@@ -112,17 +153,22 @@ class RolloutController:
         config for the same pair is a `configure` transition, the same config changes nothing."""
         new_config = CanaryConfig.model_validate(config)
         async with self._transition:
-            previous, rollout_id, now = self._state, rollout_id_for(new_config), time.time()
-            if previous is not None and previous.rollout_id == rollout_id and new_config == self._config:
+            if self._state is not None and self._state.status == "state_error":  # never overwrite it
                 return
-            phases, self._config = new_config.rollout.phases, new_config
-            if previous is None or previous.rollout_id != rollout_id:
-                table_version = 1 if previous is None else previous.table_version + 1
-                stable, canary = new_config.stable.served_version, new_config.canary.served_version
-                state = rollout.start(rollout_id, stable, canary, phases, now, table_version)
-            else:
-                state = rollout.reconfigure(previous, phases, now, latest=self._last_verdict)
-            await self._commit(state)
+            await self._adopt(new_config)
+
+    async def _adopt(self, new_config: CanaryConfig) -> None:
+        previous, rollout_id, now = self._state, rollout_id_for(new_config), time.time()
+        if previous is not None and previous.rollout_id == rollout_id and new_config == self._config:
+            return
+        phases, self._config = new_config.rollout.phases, new_config
+        if previous is None or previous.rollout_id != rollout_id:
+            table_version = 1 if previous is None else previous.table_version + 1
+            stable, canary = new_config.stable.served_version, new_config.canary.served_version
+            state = rollout.start(rollout_id, stable, canary, phases, now, table_version)
+        else:
+            state = rollout.reconfigure(previous, phases, now, latest=self._last_verdict)
+        await self._commit(state)
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -143,6 +189,17 @@ class RolloutController:
         """Judge the current window (with the evidence of the attempt's closed ones) and apply
         the verdict."""
         state = self._current
+        if state.status == "state_error":
+            async with self._transition:
+                if self._load():
+                    if self._current.status == "state_error":  # the damaged document was removed
+                        self._state = None
+                        await self._adopt(self._config)
+                        return self.status()
+                    return await self._commit(
+                        rollout.recovered(self._current, self._config.rollout.phases, time.time())
+                    )
+            return self._publish_status(None)
         if state.terminal:  # nothing to judge; the gauges stay current (also for a restarted collector)
             return self._publish_status(None)
         window = await self._collector.window.remote(state.window)
@@ -196,6 +253,10 @@ class RolloutController:
     async def set_weight(self, weight: float) -> RolloutStatus:
         return await self._command(rollout.set_weight, weight)
 
+    async def feedback_key(self) -> bytes:
+        """The key feedback tokens are signed with (ingress replicas only)."""
+        return self._feedback_key
+
     # -- status -------------------------------------------------------------------------------
 
     def status(self) -> RolloutStatus:
@@ -216,7 +277,7 @@ def start_actors(app_name: str, config: CanaryConfig) -> tuple[ActorHandle[Any],
     common = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
     # The collector first: the controller looks it up by name. (Ray's decorators hide `.options`.)
     collector = MetricsCollector.options(name=collector_name(app_name), **common)  # type: ignore[attr-defined]
-    collector_handle = collector.remote(config.model_name)
+    collector_handle = collector.remote(config.model_name, config.feedback.token_ttl_s)
     controller = RolloutController.options(name=controller_name(app_name), **common)  # type: ignore[attr-defined]
     return controller.remote(app_name, config.model_dump(mode="json")), collector_handle
 
@@ -268,3 +329,6 @@ class ControllerClient:
 
     async def set_weight(self, weight: float) -> RolloutStatus:
         return await self._call(RolloutStatus, "set_weight", weight)
+
+    async def feedback_key(self) -> bytes:
+        return await self._call(bytes, "feedback_key")

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -26,8 +26,10 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve_canary import feedback
 from serve_canary.config import ArmConfig, CanaryConfig
 from serve_canary.controller import ControllerClient, start_actors
+from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
 from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_request
 from serve_canary.rollout import TransitionError
@@ -51,12 +53,6 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
 
 class WeightBody(BaseModel):
     weight: float = Field(ge=0.0, le=1.0)
-
-
-class FeedbackBody(BaseModel):
-    request_id: str = Field(min_length=1)
-    rating: float | None = None
-    hallucination: bool | None = None
 
 
 async def _json_body(request: Request) -> Any:
@@ -140,6 +136,8 @@ class CanaryIngress:
         self._controller = ControllerClient(controller)
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         await self._controller.configure(self._config)
+        self._feedback_key = await self._controller.feedback_key()
+        self._feedback_rate = RateLimit(self._config.feedback.max_per_s, time.monotonic())
         self._table: RoutingTable = await self._controller.get_table(-1, 0.0)
         self._table_adopted_at = time.time()
         self._records: list[RequestRecord] = []
@@ -205,9 +203,18 @@ class CanaryIngress:
             self._record,
             request_id=uuid.uuid4().hex,
             failover=self._config.failover,
+            canary_first_item_timeout_s=self._config.canary_first_token_timeout_s,
         )
+        attribution = Attribution(
+            served.request_id,
+            served.arm,
+            served.version,
+            served.window,
+            time.time() + self._config.feedback.token_ttl_s,
+        )
+        served = replace(served, feedback_token=feedback.issue(self._feedback_key, attribution))
         if served.body is not None:
-            served.body["serve_canary"]["replica"] = self._replica_id
+            served.body["serve_canary"].update(replica=self._replica_id, feedback_token=served.feedback_token)
         return served
 
     # -- Python handle API ------------------------------------------------------------------
@@ -230,26 +237,45 @@ class CanaryIngress:
             table_adopted_at=self._table_adopted_at,
             canary_weight=self._table.canary_weight,
         )
-        return (await self._controller.status()).model_copy(update={"replica": replica})
+        try:
+            status = await self._controller.status()
+        except Exception as exc:  # the controller is restarting or gone: say so, not 500
+            message = f"the rollout controller is unreachable: {failure_message(exc)}"
+            raise OpenAIError(503, message, "server_error") from None
+        return status.model_copy(update={"replica": replica})
 
     async def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Attribute a rating or hallucination flag to the arm that served `request_id`."""
-        feedback = parse_request(FeedbackBody, body)
-        self._flush()
-        attribution = await self._collector.feedback.remote(
-            feedback.request_id, feedback.rating, feedback.hallucination
-        )
-        if attribution is None:
+        """Rate an answer, once, with the feedback token it came with (see `feedback`)."""
+        given = parse_request(FeedbackBody, body)
+        limits = self._config.feedback
+        if given.rating is not None and not limits.rating_min <= given.rating <= limits.rating_max:
             raise OpenAIError(
-                404, f"unknown request_id {feedback.request_id!r} (or too old to attribute)", param="request_id"
+                400,
+                f"rating must be within [{limits.rating_min:g}, {limits.rating_max:g}], got {given.rating:g}",
+                param="rating",
             )
-        return {"request_id": feedback.request_id, **attribution}
+        if given.rating is None and given.hallucination is None:
+            raise OpenAIError(400, "give a rating, a hallucination flag, or both")
+        if not self._feedback_rate.allow(time.monotonic()):
+            raise OpenAIError(429, "too much feedback at once; retry shortly", "rate_limit_error")
+        try:
+            attribution = feedback.verify(self._feedback_key, given.feedback_token, given.request_id, time.time())
+        except feedback.FeedbackRefused as exc:
+            raise OpenAIError(403, str(exc), "permission_error", param="feedback_token") from None
+        if not await self._collector.feedback.remote(attribution, given.rating, given.hallucination):
+            raise OpenAIError(409, f"request {given.request_id!r} was already rated", "conflict", param="request_id")
+        return {"request_id": given.request_id, "arm": attribution.arm, "version": attribution.version}
 
     # -- HTTP -------------------------------------------------------------------------------
 
     async def _http(self, kind: Kind, request: Request) -> Response:
         served = await self._serve(kind, await _json_body(request), request.headers)
-        headers = {"x-serve-canary-arm": served.arm, "x-serve-canary-version": served.version}
+        headers = {
+            "x-serve-canary-arm": served.arm,
+            "x-serve-canary-version": served.version,
+            "x-serve-canary-request-id": served.request_id,
+            "x-serve-canary-feedback-token": served.feedback_token,
+        }
         if served.stream is None:
             return JSONResponse(served.body, headers=headers)
         return StreamingResponse(served.stream, media_type="text/event-stream", headers=headers)

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from serve_canary.routing import ARMS, Arm
 
 RESERVOIR_SIZE = 4096
-ATTRIBUTION_CAPACITY = 100_000
 WINDOW_CAPACITY = 4
 
 
@@ -168,29 +167,17 @@ class ArmSummary(BaseModel):
     hallucinations: int
 
 
-@dataclass(frozen=True)
-class Attribution:
-    window: str
-    arm: Arm
-    version: str
-
-
 class MetricsLedger:
-    """Aggregates per (window, arm) for the most recent windows, and which arm served recent
-    request ids.
+    """Aggregates per (window, arm) for the most recent windows.
 
     Only the current window is judged from samples; a closed window's evidence lives on in
     the rollout state (`judge.Verdict.evidence`), so the ledger keeps just the last
-    `window_capacity` windows (late records of a closed one still land for display).
+    `window_capacity` windows (late records of a closed one still land, for display).
     """
 
-    def __init__(
-        self, window_capacity: int = WINDOW_CAPACITY, attribution_capacity: int = ATTRIBUTION_CAPACITY
-    ) -> None:
+    def __init__(self, window_capacity: int = WINDOW_CAPACITY) -> None:
         self._windows: OrderedDict[str, dict[Arm, ArmAggregate]] = OrderedDict()
-        self._served_by: OrderedDict[str, Attribution] = OrderedDict()
         self._window_capacity = window_capacity
-        self._attribution_capacity = attribution_capacity
 
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         """The window's aggregates (empty ones if it has no records), without keeping it."""
@@ -211,13 +198,7 @@ class MetricsLedger:
     def add(self, records: list[RequestRecord]) -> None:
         for record in records:
             self._writable(record.window)[record.arm].add(record)
-            self._served_by[record.request_id] = Attribution(record.window, record.arm, record.version)
-        while len(self._served_by) > self._attribution_capacity:
-            self._served_by.popitem(last=False)
 
-    def add_feedback(self, request_id: str, rating: float | None, hallucination: bool | None) -> Attribution | None:
-        """Attribute feedback to the arm that served `request_id`; None if it is unknown."""
-        attribution = self._served_by.get(request_id)
-        if attribution is not None and attribution.window in self._windows:
-            self._windows[attribution.window][attribution.arm].add_feedback(rating, hallucination)
-        return attribution
+    def add_feedback(self, window: str, arm: Arm, rating: float | None, hallucination: bool | None) -> None:
+        """Count feedback in the window that served the request (also before its record arrives)."""
+        self._writable(window)[arm].add_feedback(rating, hallucination)

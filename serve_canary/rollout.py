@@ -2,7 +2,9 @@
 
 Statuses: running → (awaiting_approval →) running … → complete; paused by an operator or a
 manual weight; rolled_back on a FAIL verdict or an operator's rollback, terminal until
-`restart`. The clock is a parameter (`now`), so every transition is testable without time.
+`restart`; state_error when the stored state cannot be read (stable only, nothing moves
+until it can be read again). The clock is a parameter (`now`), so every transition is
+testable without time.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from serve_canary.config import PhaseConfig
 from serve_canary.judge import Verdict
 from serve_canary.sequential import Segment
 
-Status = Literal["running", "paused", "awaiting_approval", "rolled_back", "complete"]
+Status = Literal["running", "paused", "awaiting_approval", "rolled_back", "complete", "state_error"]
 STATUSES: tuple[Status, ...] = get_args(Status)
-TERMINAL: frozenset[Status] = frozenset({"rolled_back", "complete"})  # automation has nothing left to do
+# Automation has nothing to do: the rollout ended, or its stored state cannot be read.
+TERMINAL: frozenset[Status] = frozenset({"rolled_back", "complete", "state_error"})
 MAX_EVENTS = 200
 
 
@@ -152,6 +155,58 @@ def start(
     )
 
 
+def unreadable(
+    rollout_id: str,
+    stable_version: str,
+    canary_version: str,
+    phases: tuple[PhaseConfig, ...],
+    now: float,
+    reason: str,
+) -> RolloutState:
+    """The stand-in for a rollout whose stored state cannot be read: all traffic on stable
+    (the one table that is safe without knowing how far the canary got), no automation, no
+    command, until the state can be read again. Never saved over the damaged state."""
+    event = Event(
+        at=now,
+        action="state_error",
+        from_status=None,
+        to_status="state_error",
+        phase=phases[0].name,
+        weight=0.0,
+        reason=reason,
+    )
+    return RolloutState(
+        rollout_id=rollout_id,
+        stable_version=stable_version,
+        canary_version=canary_version,
+        attempt=0,
+        phase_index=0,
+        status="state_error",
+        weight=0.0,
+        phase_started_at=now,
+        window_seq=0,
+        table_version=0,
+        events=(event,),
+    )
+
+
+def recovered(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) -> RolloutState:
+    """The stored state (read again after a `state_error`), with the recovery as an event."""
+    return _move(
+        state,
+        phases,
+        now,
+        action="state_recovered",
+        to_status=state.status,
+        reason="the stored state is readable again",
+    )
+
+
+def _readable(state: RolloutState) -> None:
+    if state.status == "state_error":
+        raise TransitionError(f"the rollout's stored state cannot be read ({state.events[-1].reason}); nothing moves")
+
+
 def _advance(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, action: str, reason: str, latest: Verdict | None
 ) -> RolloutState:
@@ -210,6 +265,7 @@ def evaluate(
 def approve(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
 ) -> RolloutState:
+    _readable(state)
     if state.status != "awaiting_approval":
         raise TransitionError(f"nothing awaits approval: the rollout is {state.status}")
     following = phases[state.phase_index + 1]
@@ -219,6 +275,7 @@ def approve(
 def pause(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str, *, latest: Verdict | None = None
 ) -> RolloutState:
+    _readable(state)
     if state.status not in ("running", "awaiting_approval"):
         raise TransitionError(f"only a running or approval-waiting rollout can pause; it is {state.status}")
     return _move(state, phases, now, action="pause", to_status="paused", reason=reason, latest=latest)
@@ -228,6 +285,7 @@ def resume(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
 ) -> RolloutState:
     """Back to automation at the current phase's weight (undoing any manual weight)."""
+    _readable(state)
     if state.status != "paused":
         raise TransitionError(f"only a paused rollout can resume; it is {state.status}")
     phase = phases[state.phase_index]
@@ -247,6 +305,7 @@ def set_weight(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, weight: float, *, latest: Verdict | None = None
 ) -> RolloutState:
     """A manual weight; automation pauses until `resume`."""
+    _readable(state)
     if not 0.0 <= weight <= 1.0:
         raise TransitionError(f"weight must be within [0, 1], got {weight}")
     if state.status == "rolled_back":
@@ -266,6 +325,7 @@ def set_weight(
 def rollback(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str, *, latest: Verdict | None = None
 ) -> RolloutState:
+    _readable(state)
     if state.status == "rolled_back":
         raise TransitionError("the rollout is already rolled back")
     return _move(
@@ -277,6 +337,7 @@ def restart(
     state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, *, latest: Verdict | None = None
 ) -> RolloutState:
     """A new attempt from the first phase, after a rollback."""
+    _readable(state)
     if state.status != "rolled_back":
         raise TransitionError(f"only a rolled-back rollout can restart; it is {state.status}")
     return _move(
@@ -301,6 +362,7 @@ def reconfigure(
     itself (an unfinished rollout stays below the last, full phase), and a running rollout
     takes its phase's (possibly new) weight; a manual or rolled-back weight stays.
     """
+    _readable(state)
     last_partial = len(phases) - 2
     if state.status == "complete":
         index = len(phases) - 1
@@ -330,6 +392,8 @@ def waiting_for(state: RolloutState, phases: tuple[PhaseConfig, ...], latest: Ve
         return None
     if state.status == "rolled_back":
         return "an operator restart (rolled back)"
+    if state.status == "state_error":
+        return f"a readable state store ({state.events[-1].reason})"
     if state.status == "paused":
         return "an operator resume (automation paused)"
     if state.status == "awaiting_approval":

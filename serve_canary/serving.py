@@ -14,6 +14,7 @@ re-frames a token chunk, so a batch crosses to the client as one write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -66,8 +67,10 @@ class Served:
     arm: Arm
     version: str
     request_id: str
+    window: str  # the metrics window it is recorded in
     body: dict[str, Any] | None = None
     stream: AsyncIterator[str] | None = None
+    feedback_token: str = ""  # set by the ingress
 
 
 def _error_of(item: Any) -> tuple[int, str] | None:
@@ -181,14 +184,17 @@ async def serve_request(
     *,
     request_id: str,
     failover: bool,
+    canary_first_item_timeout_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Served:
     """Route `body` by `key`, call the arm and wait for its first item.
 
     A canary that fails before its first item (an exception, or a 5xx `ErrorResponse`) is
-    recorded as a canary error and, with `failover`, the request goes to stable. A 4xx from an
-    arm is the client's error: it is raised as such, never failed over, never held against
-    the arm (recorded as `rejected`).
+    recorded as a canary error and, with `failover`, the request goes to stable; so is a
+    canary that yields nothing within `canary_first_item_timeout_s` (no live replica, a hung
+    engine: error kind `unavailable`), so its users never stall behind it. A 4xx from an arm
+    is the client's error: it is raised as such, never failed over, never held against the
+    arm (recorded as `rejected`).
     """
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -202,10 +208,16 @@ async def serve_request(
         request = endpoint.request(kind, body, request_id, envelope.stream)
         attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, clock)
         stream = endpoint.open(kind, request)
+        can_fail_over = arm == "canary" and failover
+        timeout_s = canary_first_item_timeout_s if can_fail_over else None
+        error_kind = "before_first_token"
         try:
-            first = await stream.__anext__()
+            first = await asyncio.wait_for(anext(stream), timeout_s)
+        except TimeoutError:
+            failure: tuple[int, str] | None = (504, f"no first token within {timeout_s:g} s")
+            error_kind = "unavailable"
         except Exception as exc:
-            failure: tuple[int, str] | None = (502, failure_message(exc))
+            failure = (502, failure_message(exc))
         else:
             attempt.first_at = attempt.last_at = clock()
             failure = _error_of(first[0] if isinstance(first, list) and first else first)
@@ -216,8 +228,8 @@ async def serve_request(
         if 400 <= status < 500:
             record(attempt.record("rejected", "client_error"))
             raise OpenAIError(status, message)
-        record(attempt.record("error", "before_first_token"))
-        if arm == "canary" and failover:
+        record(attempt.record("error", error_kind))
+        if can_fail_over:
             arm = "stable"
             continue
         raise OpenAIError(
@@ -229,10 +241,9 @@ async def serve_request(
         # early would cost a cancellation message per request.
         async for _ in stream:
             pass
-        return Served(arm, endpoint.version, attempt.request_id, body=body)
-    return Served(
-        arm, endpoint.version, attempt.request_id, stream=_relay(first, stream, attempt, record, envelope.include_usage)
-    )
+        return Served(arm, endpoint.version, attempt.request_id, table.window, body=body)
+    relayed = _relay(first, stream, attempt, record, envelope.include_usage)
+    return Served(arm, endpoint.version, attempt.request_id, table.window, stream=relayed)
 
 
 def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:

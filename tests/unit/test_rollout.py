@@ -12,11 +12,13 @@ from serve_canary.rollout import (
     evaluate,
     pause,
     reconfigure,
+    recovered,
     restart,
     resume,
     rollback,
     set_weight,
     start,
+    unreadable,
     waiting_for,
 )
 
@@ -200,3 +202,17 @@ def test_waiting_for_says_what_the_next_move_needs():
     awaiting = walk_to_approval()
     assert waiting_for(awaiting, PHASES, PASS, 31) == "operator approval to enter phase full"
     assert waiting_for(rollback(awaiting, PHASES, 32, "bad"), PHASES, None, 33) == "an operator restart (rolled back)"
+
+
+def test_an_unreadable_state_routes_to_stable_and_refuses_every_command():
+    stand_in = unreadable("v1..v2", "v1", "v2", PHASES, 5.0, "/s/state.json: not JSON")
+    assert (stand_in.status, stand_in.weight, stand_in.terminal) == ("state_error", 0.0, True)
+    assert evaluate(stand_in, FAIL, PHASES, 6, True) is stand_in
+    for command in (approve, resume, restart, reconfigure):
+        with pytest.raises(TransitionError, match="cannot be read"):
+            command(stand_in, PHASES, 6)
+    with pytest.raises(TransitionError, match="cannot be read"):
+        set_weight(stand_in, PHASES, 6, 0.5)
+    assert waiting_for(stand_in, PHASES, None, 6) == "a readable state store (/s/state.json: not JSON)"
+    back = recovered(fresh(), PHASES, 7)
+    assert (back.events[-1].action, back.status, back.window) == ("state_recovered", "running", fresh().window)
