@@ -1,5 +1,6 @@
-"""`serve-canary`: operate a running rollout from a shell (status, pause, resume, approve,
-rollback, restart, set-weight), through the same ControllerClient the HTTP admin routes use.
+"""`serve-canary`: check a Serve config offline, and operate a running rollout from a shell
+(status, pause, resume, approve, rollback, restart, set-weight) as a Ray driver, through the
+same ControllerClient the HTTP admin routes use, or with `--url` through those routes.
 """
 
 from __future__ import annotations
@@ -7,26 +8,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import httpx
+import yaml
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from serve_canary.config import ADMIN_TOKEN_ENV, ConfigError, parse_config
+from serve_canary.http_client import AdminRefused, HttpControllerClient
 from serve_canary.rollout import TransitionError
 from serve_canary.status import RolloutStatus
+
+if TYPE_CHECKING:  # importing it imports Ray, which `check` and `--url` do without
+    from serve_canary.controller import ControllerClient
+
+IMPORT_PATH = "serve_canary.app:build_app"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serve-canary", description=__doc__)
     parser.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     parser.add_argument("--app", default="llm", help="Serve application name (default: llm)")
+    parser.add_argument(
+        "--url",
+        help=f"operate over HTTP instead, e.g. http://host:8000/llm (the app's route), with ${ADMIN_TOKEN_ENV}",
+    )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a Serve config file offline (no cluster needed)")
+    check.add_argument("config", help="the YAML file given to `serve run` / `serve deploy`")
     status = commands.add_parser("status", help="phase, weight, verdict and recent events")
     status.add_argument("--watch", action="store_true", help="a live view, refreshed every --interval seconds")
     status.add_argument("--interval", type=float, default=1.0)
@@ -95,9 +113,13 @@ def status_view(status: RolloutStatus) -> Group:
 
 
 async def _run(args: argparse.Namespace) -> RolloutStatus:
-    from serve_canary.controller import ControllerClient
+    client: ControllerClient | HttpControllerClient
+    if args.url:
+        client = HttpControllerClient(args.url, os.environ.get(ADMIN_TOKEN_ENV))
+    else:
+        from serve_canary.controller import ControllerClient
 
-    client = ControllerClient.for_app(args.app)
+        client = ControllerClient.for_app(args.app)
     if args.command == "set-weight":
         return await client.set_weight(args.weight)
     if args.command == "status" and args.watch:
@@ -114,22 +136,64 @@ def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "set-weight" and not 0.0 <= args.weight <= 1.0:
-        print(f"serve-canary: weight must be within [0, 1], got {args.weight}", file=sys.stderr)
-        return 2
+def check(path: str) -> list[str]:
+    """Every problem with the serve-canary apps of a Serve config file, each naming its key."""
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"{path}: {exc}"]
+    applications = document.get("applications") if isinstance(document, dict) else None
+    if not isinstance(applications, list):
+        return [f"{path}: no `applications:` list"]
+    problems, checked = [], 0
+    for index, application in enumerate(applications):
+        if not isinstance(application, dict) or application.get("import_path") != IMPORT_PATH:
+            continue
+        checked += 1
+        name = application.get("name", f"applications[{index}]")
+        try:
+            parse_config(application.get("args") or {})
+        except ConfigError as exc:
+            problems.append(f"{path}: application {name!r}: {exc}")
+    if not checked:
+        problems.append(f"{path}: no application has import_path {IMPORT_PATH}")
+    return problems
+
+
+def _ray_init(address: str) -> None:
+    # As Ray's own CLIs do: with no mode set and a token at hand, use token auth, also for an
+    # explicit --address (ray.init alone does so only for a cluster it finds itself). Before
+    # Ray is imported: it reads the mode once.
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or Path(token_path).exists()):
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     from serve_canary.controller import NAMESPACE
 
-    ray.init(address=args.address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        problems = check(args.config)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{args.config}: ok")
+        return 1 if problems else 0
+    if args.command == "set-weight" and not 0.0 <= args.weight <= 1.0:
+        print(f"serve-canary: weight must be within [0, 1], got {args.weight}", file=sys.stderr)
+        return 2
+    if not args.url:
+        _ray_init(args.address)
     signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own handler
     try:
         status = asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 0
-    except TransitionError as exc:
+    except (TransitionError, AdminRefused, httpx.HTTPError) as exc:
         print(f"serve-canary: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # no such actor: the app is not running

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_canary.batching import DEFAULT_INTERVAL_MS
 
+ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"  # the admin bearer token, set on the cluster (and for `--url`)
+
 
 class ConfigError(ValueError):
     """A bad application argument; the message names each offending key."""
@@ -171,6 +173,14 @@ class FeedbackConfig(_Schema):
         return self
 
 
+class RequestLimits(_Schema):
+    """What one request may be: bigger → 413, deeper or with more messages → 400."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_depth: int = Field(default=32, ge=4, description="JSON nesting levels")
+    max_messages: int = Field(default=2048, ge=1, description="chat messages per request")
+
+
 class CanaryConfig(_Schema):
     """Everything `build_app` needs: the two arms, routing, the rollout plan and health."""
 
@@ -187,6 +197,7 @@ class CanaryConfig(_Schema):
         description="with failover, a canary without a first token by then is left for stable (as `unavailable`)",
     )
     feedback: FeedbackConfig = FeedbackConfig()
+    limits: RequestLimits = RequestLimits()
     state_store: str = Field(default="gcs", description="'gcs' (Ray's GCS key-value store) or 'file:///abs/path'")
 
     @field_validator("state_store")

@@ -8,7 +8,6 @@ new tables, and a flush that ships the buffer to the collector fire-and-forget.
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -27,17 +26,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_canary import feedback
-from serve_canary.config import ArmConfig, CanaryConfig
+from serve_canary.config import ADMIN_TOKEN_ENV, ArmConfig, CanaryConfig, RequestLimits
 from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
 from serve_canary.metrics import RequestRecord
-from serve_canary.openai_api import OpenAIError, parse_request
+from serve_canary.openai_api import OpenAIError, parse_json, parse_request
 from serve_canary.rollout import TransitionError
 from serve_canary.routing import Arm, RoutingTable
 from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
 from serve_canary.status import ReplicaInfo, RolloutStatus
 
-ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"
 FLUSH_INTERVAL_S = 0.5
 LONG_POLL_TIMEOUT_S = 30.0
 logger = logging.getLogger("serve_canary.ingress")
@@ -55,11 +53,18 @@ class WeightBody(BaseModel):
     weight: float = Field(ge=0.0, le=1.0)
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OpenAIError(400, "the request body is not valid JSON") from None
+async def _json_body(request: Request, limits: RequestLimits) -> Any:
+    """The body as JSON, read no further than `limits.max_body_bytes` (413 beyond)."""
+    too_large = OpenAIError(413, f"the request body is larger than {limits.max_body_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.max_body_bytes:
+            raise too_large
+    return parse_json(bytes(raw), limits.max_depth)
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,10 @@ class CanaryIngress:
         return user if isinstance(user, str) and user else None
 
     async def _serve(self, kind: Kind, body: Any, headers: Mapping[str, str] | None) -> Served:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if isinstance(messages, list) and len(messages) > self._config.limits.max_messages:
+            limit = self._config.limits.max_messages
+            raise OpenAIError(400, f"at most {limit} messages per request, got {len(messages)}", param="messages")
         if isinstance(body, dict) and body.get("model") != self._config.model_name:
             raise OpenAIError(
                 404,
@@ -269,7 +278,7 @@ class CanaryIngress:
     # -- HTTP -------------------------------------------------------------------------------
 
     async def _http(self, kind: Kind, request: Request) -> Response:
-        served = await self._serve(kind, await _json_body(request), request.headers)
+        served = await self._serve(kind, await _json_body(request, self._config.limits), request.headers)
         headers = {
             "x-serve-canary-arm": served.arm,
             "x-serve-canary-version": served.version,
@@ -310,7 +319,7 @@ class CanaryIngress:
 
     @api.post("/-/canary/feedback")
     async def http_feedback(self, request: Request) -> dict[str, Any]:
-        return await self.feedback(await _json_body(request))
+        return await self.feedback(await _json_body(request, self._config.limits))
 
     def _authorize(self, request: Request) -> None:
         if self._admin_token is None:
@@ -329,7 +338,11 @@ class CanaryIngress:
         if admin is None or admin.method != request.method:
             raise OpenAIError(404, f"no admin command {request.method} /-/canary/{command}", code="not_found")
         self._authorize(request)
-        body = parse_request(admin.body, await _json_body(request)) if admin.body is not None else None
+        body = (
+            parse_request(admin.body, await _json_body(request, self._config.limits))
+            if admin.body is not None
+            else None
+        )
         try:
             status = await admin.run(self._controller, body)
         except TransitionError as exc:

@@ -152,6 +152,33 @@ def validation_error(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """A request body as JSON, nested at most `max_depth` deep; 400 otherwise."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise OpenAIError(400, f"the request body is nested more than {max_depth} levels deep") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise OpenAIError(400, "the request body is not valid JSON") from None
+    if _depth(body) > max_depth:
+        raise OpenAIError(400, f"the request body is nested more than {max_depth} levels deep")
+    return body
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        node, depth = level.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                level.append((child, depth + 1))
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+    return deepest
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,

@@ -43,7 +43,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[dict[str, Any]]:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Ray's default token auth stays on: a new local cluster makes a token (~/.ray/auth_token).
     # Two vLLM engines starting on 2 cores starve the proxy and the health checks for seconds.
     os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"
     os.environ["RAY_SERVE_LLM_DEFAULT_HEALTH_CHECK_TIMEOUT_S"] = "60"

@@ -8,33 +8,83 @@ import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from .conftest import app_args, wait_for
+from .conftest import ADMIN_TOKEN, app_args, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(cluster, app, *args: str) -> subprocess.CompletedProcess:
+def operator_env(**extra: str) -> dict[str, str]:
+    """An operator's shell: no RAY_AUTH_MODE (ray.init set it in this process), the token on disk."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, **extra}
+
+
+def cli(cluster, app, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name, *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env or operator_env(),
     )
+
+
+def answer(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_over_http_with_the_admin_token_and_without(deploy, cluster):
+    app = deploy(app_args(rollout=HOLD))
+
+    def over_http(*args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess:
+        env = operator_env(SERVE_CANARY_ADMIN_TOKEN=token or "")
+        return subprocess.run(
+            [sys.executable, "-m", "serve_canary.cli", "--url", app.url, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    assert answer(over_http("--json", "status"))["canary_weight"] == 0.05
+    moved = over_http("--json", "set-weight", "0.3")
+    assert moved.returncode == 0 and json.loads(moved.stdout)["canary_weight"] == 0.3, moved.stderr
+    refused = over_http("resume", token="wrong")
+    assert refused.returncode == 1 and "401" in refused.stderr and "admin bearer token" in refused.stderr
+    assert over_http("approve").stderr.strip() == "serve-canary: nothing awaits approval: the rollout is paused"
+    assert app.status()["canary_weight"] == 0.3
+
+
+def test_check_names_the_bad_key_of_a_serve_config_without_a_cluster(tmp_path):
+    good = ROOT / "configs" / "local.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("min_requests: 20}", "min_requests: -1}", 1))
+    assert "min_requests: -1" in bad.read_text()
+    checked = subprocess.run(
+        [sys.executable, "-m", "serve_canary.cli", "check", str(good)], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "serve_canary.cli", "check", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 1 and "rollout.phases.0.min_requests" in refused.stderr
 
 
 def test_commands_and_their_errors(deploy, cluster):
     app = deploy(app_args(rollout=HOLD))
-    status = json.loads(cli(cluster, app, "--json", "status").stdout)
+    status = answer(cli(cluster, app, "--json", "status"))
     assert (status["status"], status["canary_weight"]) == ("running", 0.05)
-    assert json.loads(cli(cluster, app, "--json", "pause").stdout)["status"] == "paused"
+    assert answer(cli(cluster, app, "--json", "pause"))["status"] == "paused"
     refused = cli(cluster, app, "approve")
     assert refused.returncode == 1 and "nothing awaits approval" in refused.stderr
-    assert json.loads(cli(cluster, app, "--json", "rollback").stdout)["status"] == "rolled_back"
-    assert json.loads(cli(cluster, app, "--json", "restart").stdout)["attempt"] == 2
+    assert answer(cli(cluster, app, "--json", "rollback"))["status"] == "rolled_back"
+    assert answer(cli(cluster, app, "--json", "restart"))["attempt"] == 2
     bad = cli(cluster, app, "set-weight", "1.5")
     assert bad.returncode == 2 and "within [0, 1]" in bad.stderr
     missing = subprocess.run(

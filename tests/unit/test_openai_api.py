@@ -12,6 +12,7 @@ from serve_canary.openai_api import (
     CompletionRequest,
     Envelope,
     OpenAIError,
+    parse_json,
     parse_request,
     sse,
 )
@@ -78,3 +79,14 @@ def test_sse_frames_one_compact_json_event():
     assert event.startswith("data: ") and event.endswith("\n\n") and "\n" not in event[:-2]
     assert json.loads(event[len("data: ") :]) == {"id": "x", "choices": [{"delta": {"content": "hé"}}]}
     assert SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_json_bodies_are_parsed_within_a_depth_limit():
+    assert parse_json(b'{"a": [{"b": 1}]}', max_depth=3) == {"a": [{"b": 1}]}
+    for raw in (b'{"a": [{"b": [1]}]}', b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(OpenAIError, match="nested more than 3 levels") as caught:
+            parse_json(raw, max_depth=3)
+        assert caught.value.status == 400
+    for raw in (b"{", b"\xff", b""):
+        with pytest.raises(OpenAIError, match="not valid JSON"):
+            parse_json(raw, max_depth=3)
