@@ -207,6 +207,12 @@ class RolloutController:
             if self._state is not state:  # an operator command moved the rollout meanwhile
                 return self.status()
             health, phases = self._config.health, self._config.rollout.phases
+            latest = self._last_verdict
+            if latest is not None and (
+                window["stable"].requests < latest.stable_requests or window["canary"].requests < latest.canary_requests
+            ):
+                reason = "the metrics collector lost this window's records (it restarted); judging a new one"
+                return await self._commit(rollout.reopen_window(state, phases, time.time(), reason, latest=latest))
             min_requests = phases[state.phase_index].min_requests
             verdict = judge(window["stable"], window["canary"], health, min_requests, health.alpha, state.evidence)
             self._last_verdict, self._evaluated_at = verdict, time.time()

@@ -84,12 +84,14 @@ def _move(
     attempt: int | None = None,
     evidence: dict[str, Any] | None = None,
     latest: Verdict | None = None,
+    close_window: bool = False,
 ) -> RolloutState:
-    """`latest`: the latest verdict on the current window, kept as its evidence if it closes."""
+    """`latest`: the latest verdict on the current window, kept as its evidence if it closes
+    (it does when the phase, weight or attempt changes, or on `close_window`)."""
     phase_index = state.phase_index if phase_index is None else phase_index
     weight = state.weight if weight is None else weight
     attempt = state.attempt if attempt is None else attempt
-    new_window = (phase_index, weight, attempt) != (state.phase_index, state.weight, state.attempt)
+    new_window = close_window or (phase_index, weight, attempt) != (state.phase_index, state.weight, state.attempt)
     window_seq = state.window_seq + 1 if new_window else state.window_seq
     carried = state.evidence
     if attempt != state.attempt:
@@ -199,6 +201,24 @@ def recovered(state: RolloutState, phases: tuple[PhaseConfig, ...], now: float) 
         action="state_recovered",
         to_status=state.status,
         reason="the stored state is readable again",
+    )
+
+
+def reopen_window(
+    state: RolloutState, phases: tuple[PhaseConfig, ...], now: float, reason: str, *, latest: Verdict | None
+) -> RolloutState:
+    """Close the current window with the latest verdict's evidence and judge a new one at the
+    same weight: what the collector counted in it is gone (it restarted), what the judge saw is not."""
+    _readable(state)
+    return _move(
+        state,
+        phases,
+        now,
+        action="reopen_window",
+        to_status=state.status,
+        reason=reason,
+        latest=latest,
+        close_window=True,
     )
 
 

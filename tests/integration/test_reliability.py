@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from serve_canary.controller import NAMESPACE, collector_name
 
-from .conftest import app_args, wait_for
+from .conftest import app_args, background_traffic, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def test_a_damaged_state_file_is_a_state_error_not_a_dead_controller(deploy, tmp
     assert refused.status_code == 409 and "cannot be read" in refused.json()["error"]["message"]
     assert state_file.read_text() == '{"config": {"model_name": '  # never overwritten
     state_file.write_bytes(good)  # the operator puts a good file back
-    back = wait_for(lambda: (s := app.status())["status"] != "state_error" and s, 30, "recovery")
+    back = wait_for(lambda: (s := app.status())["events"][-1]["action"] == "state_recovered" and s, 30, "recovery")
     assert (back["status"], back["canary_weight"], back["events"][-1]["action"]) == ("paused", 0.3, "state_recovered")
 
 
@@ -166,6 +166,21 @@ def test_a_silent_canary_fails_over_to_stable_and_counts_as_unavailable(deploy):
     assert all(r.elapsed.total_seconds() < 3.0 for r in answered)  # not 20 s behind the canary
     status = app.evaluations(2)
     assert status["arms"]["canary"]["error_kinds"].get("unavailable", 0) >= 5
+
+
+def test_a_collector_restart_mid_window_keeps_the_judges_evidence_and_judges_a_new_window(deploy):
+    app = deploy(app_args(rollout={**HOLD, "interval_s": 0.5}))
+    with background_traffic(app) as outcomes:
+        judged = wait_for(
+            lambda: (s := app.status())["last_verdict"] and s["last_verdict"]["canary_requests"] > 0 and s,
+            30,
+            "a verdict on canary traffic",
+        )
+        ray.kill(ray.get_actor(collector_name(app.name), namespace=NAMESPACE), no_restart=False)
+        reopened = wait_for(lambda: (s := app.status())["events"][-1]["action"] == "reopen_window" and s, 30, "reopen")
+    assert reopened["window"] != judged["window"] and reopened["status"] == "running"
+    assert "collector" in reopened["events"][-1]["reason"]
+    assert set(outcomes) == {"200"}
 
 
 def test_a_restarted_collector_republishes_the_rollout_gauges(deploy):

@@ -55,6 +55,7 @@ def vllm_app(cluster: dict[str, Any]) -> Iterator[App]:
         "stable": {"llm_config": llm_config("tiny-llama-a", stable)},
         "canary": {"llm_config": llm_config("tiny-llama-b", canary)},
         "rollout": {"interval_s": 0.5, "phases": PHASES},
+        "canary_first_token_timeout_s": 30.0,  # a starved CPU engine is slow, not gone
         # Two engines share 2 cores with the ingress, the proxy and the clients, so per-arm
         # latency differences here are scheduling, not the models. These tests judge errors: a
         # tiny α asks overwhelming evidence of any rollback (a dead engine gives it within a few

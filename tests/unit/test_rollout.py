@@ -13,6 +13,7 @@ from serve_canary.rollout import (
     pause,
     reconfigure,
     recovered,
+    reopen_window,
     restart,
     resume,
     rollback,
@@ -216,3 +217,11 @@ def test_an_unreadable_state_routes_to_stable_and_refuses_every_command():
     assert waiting_for(stand_in, PHASES, None, 6) == "a readable state store (/s/state.json: not JSON)"
     back = recovered(fresh(), PHASES, 7)
     assert (back.events[-1].action, back.status, back.window) == ("state_recovered", "running", fresh().window)
+
+
+def test_a_reopened_window_keeps_what_the_judge_saw_and_starts_counting_afresh():
+    state = fresh()
+    reopened = reopen_window(state, PHASES, 3, "collector restarted", latest=PASS_WITH_EVIDENCE)
+    assert reopened.window != state.window and (reopened.phase_index, reopened.weight) == (0, 0.05)
+    assert reopened.evidence == (EVIDENCE,) and reopened.events[-1].action == "reopen_window"
+    assert reopened.status == "running" and reopened.phase_started_at == 3
