@@ -362,7 +362,6 @@ def chart(results: dict, path: Path) -> None:
 
 def start_local_serve() -> int:
     """A local 2-CPU cluster with Serve's proxy on a free port (returned)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The local cluster's workers inherit this, so Serve can import the baseline app from here.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
