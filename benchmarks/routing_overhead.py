@@ -266,7 +266,7 @@ async def propagation(changes: int) -> dict[str, float]:
     for _ in range(changes):
         weight = 0.3 if weight == 0.5 else 0.5
         started = time.perf_counter()
-        version = (await client.set_weight(weight))["table_version"]
+        version = (await client.set_weight(weight)).table_version
         seen: dict[str, int] = {}
         while len(seen) < 2 or min(seen.values()) < version:
             statuses = await asyncio.gather(*(handle.status.remote() for _ in range(4)))

@@ -11,6 +11,7 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
 from serve_canary.controller import NAMESPACE, collector_name
 
@@ -68,13 +69,42 @@ def test_a_bad_rating_is_a_400_and_changes_nothing(deploy, rating):
     assert [float(line.rsplit(" ", 1)[1]) for line in sums] == [4.0]
 
 
-def test_a_damaged_state_file_is_a_state_error_not_a_dead_controller(deploy, tmp_path):
-    app = deploy(app_args(state_store=f"file://{tmp_path}", rollout=HOLD))
+class FileState:
+    """The file store's document of an app, as an operator would damage and restore it."""
+
+    def __init__(self, tmp_path, app_name: str = "") -> None:
+        self.uri, self.path = f"file://{tmp_path}", tmp_path / f"{app_name}.json"
+        self.location = str(self.path)
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def write(self, raw: bytes) -> None:
+        self.path.write_bytes(raw)
+
+
+class GcsState:
+    """The GCS store's document of an app."""
+
+    def __init__(self, tmp_path, app_name: str = "") -> None:
+        self.uri, self.key = "gcs", f"rollout/{app_name}".encode()
+        self.location = f"gcs://serve_canary/rollout/{app_name}"
+
+    def read(self) -> bytes:
+        return _internal_kv_get(self.key, namespace="serve_canary")
+
+    def write(self, raw: bytes) -> None:
+        _internal_kv_put(self.key, raw, overwrite=True, namespace="serve_canary")
+
+
+@pytest.mark.parametrize("store", [FileState, GcsState])
+def test_a_damaged_stored_state_is_a_state_error_not_a_dead_controller(deploy, tmp_path, store):
+    app = deploy(app_args(state_store=store(tmp_path).uri, rollout=HOLD))
+    stored = store(tmp_path, app.name)
     app.admin("PUT", "weight", json={"weight": 0.3})
-    state_file = tmp_path / f"{app.name}.json"
-    good = state_file.read_bytes()
-    state_file.write_text('{"config": {"model_name": ')
-    ray.kill(app.controller, no_restart=False)  # it restarts and reads the damaged file
+    good = stored.read()
+    stored.write(b'{"config": {"model_name": ')
+    ray.kill(app.controller, no_restart=False)  # it restarts and reads the damaged state
     damaged = wait_for(
         lambda: (
             (s := app.http.get("/-/canary/status")).status_code == 200
@@ -84,13 +114,13 @@ def test_a_damaged_state_file_is_a_state_error_not_a_dead_controller(deploy, tmp
         30,
         "a state_error status",
     )
-    assert str(state_file) in damaged["waiting_for"] and damaged["canary_weight"] == 0.0
+    assert stored.location in damaged["waiting_for"] and damaged["canary_weight"] == 0.0
     wait_for(lambda: app.chat(user="probe").headers["x-serve-canary-arm"] == "stable", 10, "stable-only routing")
     assert all(app.chat(user=f"user-{i}").status_code == 200 for i in range(20))
     refused = app.admin("PUT", "weight", json={"weight": 0.5})
     assert refused.status_code == 409 and "cannot be read" in refused.json()["error"]["message"]
-    assert state_file.read_text() == '{"config": {"model_name": '  # never overwritten
-    state_file.write_bytes(good)  # the operator puts a good file back
+    assert stored.read() == b'{"config": {"model_name": '  # never overwritten
+    stored.write(good)  # the operator puts a good state back
     back = wait_for(lambda: (s := app.status())["events"][-1]["action"] == "state_recovered" and s, 30, "recovery")
     assert (back["status"], back["canary_weight"], back["events"][-1]["action"]) == ("paused", 0.3, "state_recovered")
 
@@ -154,6 +184,9 @@ def test_no_malformed_body_gets_a_5xx_on_any_post_route(deploy):
         "/v1/chat/completions", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"}
     )
     assert huge.status_code == 413
+    many = [{"role": "user", "content": "hi"}] * 2049
+    too_many = app.http.post("/v1/chat/completions", json={"model": "test-llm", "messages": many})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "messages"
     assert app.chat(user="after").status_code == 200  # alive
 
 
