@@ -112,6 +112,8 @@ class RolloutController:
                 self._publish(stand_in)
             return False
         if document is not None:
+            if "feedback_key" not in document:  # written before feedback tokens: keep the key from now on
+                self._store.save({**document, "feedback_key": key.hex()})
             self._config, self._feedback_key = config, key
             self._publish(state)
         return True

@@ -159,6 +159,8 @@ class CanaryIngress:
                 table = await self._controller.get_table(self._table.version, LONG_POLL_TIMEOUT_S)
                 if table.version != self._table.version:
                     self._table, self._table_adopted_at = table, time.time()
+                    # The key changes only when a damaged state is read again; follow it.
+                    self._feedback_key = await self._controller.feedback_key()
                 backoff = 0.1
             except Exception as exc:
                 logger.warning(
