@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serve_canary.config import ArmConfig, CanaryConfig, ConfigError, format_errors, parse_config
+from serve_canary.config import ArmConfig, CanaryConfig, ConfigError, SimulatedEngineArgs, format_errors, parse_config
 from serve_canary.ingress import CanaryIngress
 
 # A simulated engine sleeps, it does not compute: it needs no CPU of its own and takes many
@@ -24,7 +24,8 @@ def _arm_deployment(name: str, arm: ArmConfig) -> Application:
             from serve_canary.engines.simulated import SimulatedServer
 
             deployment = serve.deployment(SimulatedServer, name=name, **SIMULATED_DEPLOYMENT_OPTIONS)
-            return deployment.bind(arm.model_id, arm.engine_args.model_dump())  # type: ignore[attr-defined,no-any-return]
+            engine_args = arm.engine_args or SimulatedEngineArgs()
+            return deployment.bind(arm.model_id, engine_args.model_dump())  # type: ignore[attr-defined,no-any-return]
         from serve_canary.engines.llm import build_arm
 
         return build_arm(name, arm.llm_config)

@@ -6,6 +6,8 @@ Ingress replicas send it batches fire-and-forget; the controller reads a window 
 from __future__ import annotations
 
 import time
+import uuid
+from typing import NamedTuple
 
 import ray
 
@@ -19,9 +21,18 @@ from serve_canary.status import RolloutStatus
 RATED_CAPACITY = 1_000_000  # request ids remembered as rated (~100 MB at most)
 
 
+class WindowSnapshot(NamedTuple):
+    """A window's aggregates and which incarnation of the collector counted them (a restarted
+    collector has lost what it counted before)."""
+
+    collector: str
+    arms: dict[Arm, ArmAggregate]
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MetricsCollector:
     def __init__(self, model: str, token_ttl_s: float) -> None:
+        self._incarnation = uuid.uuid4().hex
         self._ledger = MetricsLedger()
         self._exporter = PrometheusExporter(model)
         # Started or restarted, it forgets what was rated: answers given before now cannot be rated.
@@ -38,8 +49,8 @@ class MetricsCollector:
     def prometheus(self) -> bytes:
         return self._exporter.exposition()
 
-    def window(self, window: str) -> dict[Arm, ArmAggregate]:
-        return self._ledger.window(window)
+    def window(self, window: str) -> WindowSnapshot:
+        return WindowSnapshot(self._incarnation, self._ledger.window(window))
 
     def feedback(self, attribution: Attribution, rating: float | None, hallucination: bool | None) -> bool:
         """Count feedback on a request once; False (and nothing counted) if it was rated before."""

@@ -43,7 +43,7 @@ class ArmConfig(_Schema):
 
     version: str | None = Field(default=None, min_length=1, description="default: the llm_config's model id")
     engine: Literal["simulated"] | None = None
-    engine_args: SimulatedEngineArgs = Field(default_factory=SimulatedEngineArgs)
+    engine_args: SimulatedEngineArgs | None = Field(default=None, description="default: SimulatedEngineArgs()")
     llm_config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -53,7 +53,7 @@ class ArmConfig(_Schema):
                 "give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither"
             )
         if self.llm_config is not None:
-            if "engine_args" in self.model_fields_set:
+            if self.engine_args is not None:
                 raise ValueError("engine_args are for the simulated engine; vLLM takes llm_config.engine_kwargs")
             loading = self.llm_config.get("model_loading_config")
             if not isinstance(loading, dict) or not isinstance(loading.get("model_id"), str):

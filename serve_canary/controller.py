@@ -21,7 +21,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayTaskError
 
 from serve_canary import rollout
-from serve_canary.collector import MetricsCollector
+from serve_canary.collector import MetricsCollector, WindowSnapshot
 from serve_canary.config import CanaryConfig
 from serve_canary.feedback import KEY_BYTES
 from serve_canary.judge import Verdict, judge
@@ -84,6 +84,7 @@ class RolloutController:
         self._last_verdict: Verdict | None = None
         self._last_window: dict[Arm, ArmSummary] | None = None
         self._evaluated_at: float | None = None
+        self._judged_by: str | None = None  # the collector incarnation the last verdict read
         if self._load():
             await self.configure(self._config.model_dump(mode="json"))
         self._loop = asyncio.get_running_loop().create_task(self._evaluate_forever())
@@ -204,16 +205,16 @@ class RolloutController:
             return self._publish_status(None)
         if state.terminal:  # nothing to judge; the gauges stay current (also for a restarted collector)
             return self._publish_status(None)
-        window = await self._collector.window.remote(state.window)
+        snapshot: WindowSnapshot = await self._collector.window.remote(state.window)
+        window = snapshot.arms
         async with self._transition:
             if self._state is not state:  # an operator command moved the rollout meanwhile
                 return self.status()
             health, phases = self._config.health, self._config.rollout.phases
-            latest = self._last_verdict
-            if latest is not None and (
-                window["stable"].requests < latest.stable_requests or window["canary"].requests < latest.canary_requests
-            ):
-                reason = "the metrics collector lost this window's records (it restarted); judging a new one"
+            latest, judged_by = self._last_verdict, self._judged_by
+            self._judged_by = snapshot.collector
+            if latest is not None and judged_by != snapshot.collector:
+                reason = "the metrics collector restarted and lost this window's records; judging a new window"
                 return await self._commit(rollout.reopen_window(state, phases, time.time(), reason, latest=latest))
             min_requests = phases[state.phase_index].min_requests
             verdict = judge(window["stable"], window["canary"], health, min_requests, health.alpha, state.evidence)

@@ -120,7 +120,7 @@ class App:
 
     def window(self, window_id: str) -> dict[str, ArmAggregate]:
         """The collector's per-arm aggregates of one metrics window."""
-        return ray.get(ray.get_actor(collector_name(self.name), namespace=NAMESPACE).window.remote(window_id))
+        return ray.get(ray.get_actor(collector_name(self.name), namespace=NAMESPACE).window.remote(window_id)).arms
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
@@ -189,7 +189,8 @@ def deploy_app(
     def running() -> bool:
         app = serve.status().applications.get(name)
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise AssertionError(f"{name} failed to deploy: {app.message}")
+            reasons = {d: s.message[-6000:] for d, s in app.deployments.items() if s.message}
+            raise AssertionError(f"{name} failed to deploy: {app.message} {reasons}")
         return app is not None and app.status == "RUNNING"
 
     wait_for(running, timeout_s, f"application {name} to run", poll_s=0.2)

@@ -65,7 +65,7 @@ def deploy(port: int) -> None:
 
 
 class Load:
-    """Keyed clients, one request after another; every (time, user, status, arm) kept."""
+    """Keyed clients, one request after another; every (sent, answered, user, status, arm) kept."""
 
     def __init__(self, url: str) -> None:
         self.url, self.answers, self.stop = url, [], threading.Event()
@@ -75,13 +75,13 @@ class Load:
         while not self.stop.is_set():
             key = f"user-{user % USERS}"
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            sent = time.time()
             try:
                 response = await http.post("/v1/chat/completions", json=body, headers={"x-user-id": key})
-                self.answers.append(
-                    (time.time(), key, response.status_code, response.headers.get("x-serve-canary-arm"))
-                )
+                arm = response.headers.get("x-serve-canary-arm")
+                self.answers.append((sent, time.time(), key, response.status_code, arm))
             except httpx.HTTPError:
-                self.answers.append((time.time(), key, 0, None))
+                self.answers.append((sent, time.time(), key, 0, None))
             user += 16
 
     async def _run(self) -> None:
@@ -111,35 +111,36 @@ def main() -> None:
     load = Load(url)
     thread = load.start()
     time.sleep(4.0)
-    removed_at = time.time()
+    removing_at = time.time()
     cluster.remove_node(canary_node)
+    removed_at = time.time()  # requests sent from now on cannot reach the canary
     time.sleep(10.0)
     cluster.add_node(num_cpus=0, resources={"canary_node": 1})
     returned_at = time.time()
     deadline = returned_at + 90
     while time.time() < deadline:
-        recent = [a for a in load.answers[-64:] if a[0] > returned_at and a[1] in canary_users]
-        if any(a[3] == "canary" for a in recent):
+        recent = [a for a in load.answers[-64:] if a[0] > returned_at and a[2] in canary_users]
+        if any(a[4] == "canary" for a in recent):
             break
         time.sleep(0.5)
     canary_back_after = time.time() - returned_at
     load.stop.set()
     thread.join(timeout=60)
     after = httpx.get(f"{url}/-/canary/status", timeout=30).json()
-    during = [a for a in load.answers if removed_at <= a[0] < returned_at]
+    during = [a for a in load.answers if a[0] >= removed_at and a[1] < returned_at]
     print(
         json.dumps(
             {
-                "before_removal": sum(1 for a in load.answers if a[0] < removed_at),
+                "before_removal": sum(1 for a in load.answers if a[1] < removing_at),
                 "during": len(during),
-                "failed_during": sum(1 for a in during if a[2] != 200),
-                "canary_users_during": sum(1 for a in during if a[1] in canary_users),
-                "canary_users_on_stable_during": sum(1 for a in during if a[1] in canary_users and a[3] == "stable"),
+                "failed_during": sum(1 for a in during if a[3] != 200),
+                "canary_users_during": sum(1 for a in during if a[2] in canary_users),
+                "canary_users_on_stable_during": sum(1 for a in during if a[2] in canary_users and a[4] == "stable"),
                 "canary_users_on_canary_before": sum(
-                    1 for a in load.answers if a[0] < removed_at and a[1] in canary_users and a[3] == "canary"
+                    1 for a in load.answers if a[1] < removing_at and a[2] in canary_users and a[4] == "canary"
                 ),
                 "canary_back_after_s": round(canary_back_after, 1),
-                "failed_total": sum(1 for a in load.answers if a[2] != 200),
+                "failed_total": sum(1 for a in load.answers if a[3] != 200),
                 "state_before": [before["rollout_id"], before["phase"], before["canary_weight"], before["attempt"]],
                 "state_after": [after["rollout_id"], after["phase"], after["canary_weight"], after["attempt"]],
             }

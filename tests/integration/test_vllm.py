@@ -35,6 +35,8 @@ PHASES = [
     {"name": "full", "weight": 1.0, "approval": True},
 ]
 
+FULL_LENGTH = {"ignore_eos": True}  # random tiny weights can sample EOS at any step
+
 
 def llm_config(model_id: str, path: Path) -> dict[str, Any]:
     return {
@@ -111,7 +113,7 @@ def test_openai_client_chat_and_completions_stream_and_not(vllm_app):
     seen_arms = set()
     for user in (f"user-{i}" for i in range(12)):
         raw = client(vllm_app, user).chat.completions.with_raw_response.create(
-            model=MODEL, messages=messages, max_tokens=6
+            model=MODEL, messages=messages, max_tokens=6, extra_body=FULL_LENGTH
         )
         completion = raw.parse()
         arm = raw.headers["x-serve-canary-arm"]
@@ -129,16 +131,25 @@ def test_openai_client_chat_and_completions_stream_and_not(vllm_app):
             max_tokens=5,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=FULL_LENGTH,
         )
     )
     assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == prompt_tokens
-    plain = list(openai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, stream=True))
+    plain = list(
+        openai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=5, stream=True, extra_body=FULL_LENGTH
+        )
+    )
     assert all(chunk.usage is None for chunk in plain)  # asked for internally, stripped for this client
     assert [c.choices[0].finish_reason for c in plain if c.choices][-1] == "length"
 
-    text = openai.completions.create(model=MODEL, prompt="the canary sings", max_tokens=4)
+    text = openai.completions.create(model=MODEL, prompt="the canary sings", max_tokens=4, extra_body=FULL_LENGTH)
     assert text.usage.completion_tokens == 4
-    streamed = list(openai.completions.create(model=MODEL, prompt="the canary sings", max_tokens=4, stream=True))
+    streamed = list(
+        openai.completions.create(
+            model=MODEL, prompt="the canary sings", max_tokens=4, stream=True, extra_body=FULL_LENGTH
+        )
+    )
     assert [c.choices[0].finish_reason for c in streamed][-1] == "length"
 
 
@@ -152,6 +163,7 @@ def test_vllm_options_pass_through(vllm_app):
         seed=7,
         presence_penalty=0.5,
         stop=["zzz"],
+        extra_body=FULL_LENGTH,
     )
     assert len(completion.choices[0].logprobs.content) == 3
     assert len(completion.choices[0].logprobs.content[0].top_logprobs) == 2

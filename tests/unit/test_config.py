@@ -114,3 +114,14 @@ def test_local_config_starts_on_a_small_cpu_machine():
     for application in document["applications"]:
         assert {application["args"][arm]["engine"] for arm in ("stable", "canary")} == {"simulated"}
         assert all(d["ray_actor_options"]["num_cpus"] == 0 for d in application["deployments"])
+
+
+def test_a_config_survives_its_own_json_round_trip_with_every_kind_of_arm():
+    # The controller and the ingress replicas receive the config as `model_dump(mode="json")`.
+    config = parse_config(
+        args(
+            stable={"version": "v1", "engine": "simulated", "engine_args": {"ttft_ms": 5}},
+            canary={"llm_config": {"model_loading_config": {"model_id": "tiny"}}},
+        )
+    )
+    assert parse_config(config.model_dump(mode="json")) == config
