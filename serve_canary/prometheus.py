@@ -95,7 +95,7 @@ class PrometheusExporter:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "serve_canary_requests",
-            "Finished requests by outcome (ok, error, cancelled) and error kind.",
+            "Finished requests by outcome (ok, error, cancelled, rejected) and error kind.",
             (*ARM_LABELS, "outcome", "error_kind"),
             registry=registry,
         )
