@@ -24,18 +24,24 @@ import numpy as np
 from scipy.stats import mannwhitneyu, norm
 
 from serve_canary.config import HealthConfig
-from serve_canary.judge import judge
+from serve_canary.judge import Verdict, WindowEvidence, judge
 from serve_canary.metrics import ArmAggregate
 
 
 class ServeCanaryJudge:
+    """The controller's use of `judge`: each closed window enters later looks as the evidence
+    of the last verdict on it."""
+
     name = "serve-canary"
 
     def __init__(self, health: HealthConfig) -> None:
         self.health = health
+        self.reset()
 
     def reset(self) -> None:
-        """Stateless: every verdict is a function of the attempt's windows."""
+        self._carried: list[WindowEvidence] = []
+        self._closed = 0
+        self._last: Verdict | None = None
 
     def decide(
         self,
@@ -46,7 +52,12 @@ class ServeCanaryJudge:
         min_requests: int,
         earlier: list,
     ) -> str:
-        return judge(stable, canary, self.health, min_requests, self.health.alpha, earlier).decision
+        if len(earlier) > self._closed:  # the window of the last look has closed
+            self._closed = len(earlier)
+            if self._last is not None:
+                self._carried.append(self._last.evidence)
+        self._last = judge(stable, canary, self.health, min_requests, self.health.alpha, self._carried)
+        return self._last.decision
 
 
 class SeedJudge:
