@@ -8,6 +8,8 @@ import contextlib
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -121,6 +123,24 @@ class App:
     def window(self, window_id: str) -> dict[str, ArmAggregate]:
         """The collector's per-arm aggregates of one metrics window."""
         return ray.get(ray.get_actor(collector_name(self.name), namespace=NAMESPACE).window.remote(window_id)).arms
+
+
+def operator_env(**extra: str) -> dict[str, str]:
+    """An operator's shell: no RAY_AUTH_MODE (ray.init set it in this process), the token on disk."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, **extra}
+
+
+def serve_canary_cli(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0
+) -> subprocess.CompletedProcess:
+    """`serve-canary ARGS` in a process of its own, from an operator's shell by default."""
+    return subprocess.run(
+        [sys.executable, "-m", "serve_canary.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env or operator_env(),
+    )
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:

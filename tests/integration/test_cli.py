@@ -12,26 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ADMIN_TOKEN, app_args, wait_for
+from .conftest import ADMIN_TOKEN, app_args, operator_env, serve_canary_cli, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def operator_env(**extra: str) -> dict[str, str]:
-    """An operator's shell: no RAY_AUTH_MODE (ray.init set it in this process), the token on disk."""
-    return {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, **extra}
-
-
-def cli(cluster, app, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", app.name, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env or operator_env(),
-    )
+def cli(cluster, app, *args: str) -> subprocess.CompletedProcess:
+    return serve_canary_cli("--address", cluster["gcs_address"], "--app", app.name, *args)
 
 
 def answer(result: subprocess.CompletedProcess) -> dict:
@@ -43,14 +32,7 @@ def test_over_http_with_the_admin_token_and_without(deploy, cluster):
     app = deploy(app_args(rollout=HOLD))
 
     def over_http(*args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess:
-        env = operator_env(SERVE_CANARY_ADMIN_TOKEN=token or "")
-        return subprocess.run(
-            [sys.executable, "-m", "serve_canary.cli", "--url", app.url, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        return serve_canary_cli("--url", app.url, *args, env=operator_env(SERVE_CANARY_ADMIN_TOKEN=token or ""))
 
     assert answer(over_http("--json", "status"))["canary_weight"] == 0.05
     moved = over_http("--json", "set-weight", "0.3")
@@ -66,13 +48,9 @@ def test_check_names_the_bad_key_of_a_serve_config_without_a_cluster(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text().replace("min_requests: 20}", "min_requests: -1}", 1))
     assert "min_requests: -1" in bad.read_text()
-    checked = subprocess.run(
-        [sys.executable, "-m", "serve_canary.cli", "check", str(good)], capture_output=True, text=True, timeout=30
-    )
+    checked = serve_canary_cli("check", str(good), timeout_s=30)
     assert checked.returncode == 0, checked.stderr
-    refused = subprocess.run(
-        [sys.executable, "-m", "serve_canary.cli", "check", str(bad)], capture_output=True, text=True, timeout=30
-    )
+    refused = serve_canary_cli("check", str(bad), timeout_s=30)
     assert refused.returncode == 1 and "rollout.phases.0.min_requests" in refused.stderr
 
 
@@ -87,12 +65,7 @@ def test_commands_and_their_errors(deploy, cluster):
     assert answer(cli(cluster, app, "--json", "restart"))["attempt"] == 2
     bad = cli(cluster, app, "set-weight", "1.5")
     assert bad.returncode == 2 and "within [0, 1]" in bad.stderr
-    missing = subprocess.run(
-        [sys.executable, "-m", "serve_canary.cli", "--address", cluster["gcs_address"], "--app", "nope", "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = serve_canary_cli("--address", cluster["gcs_address"], "--app", "nope", "status")
     assert missing.returncode == 1 and "no rollout found for app 'nope'" in missing.stderr
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import ray
@@ -12,7 +10,7 @@ from openai import OpenAI
 
 from serve_canary.routing import RoutingTable
 
-from .conftest import ADMIN_TOKEN, OUTPUT_TOKENS, app_args, wait_for
+from .conftest import ADMIN_TOKEN, OUTPUT_TOKENS, app_args, serve_canary_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,23 +127,7 @@ def _both_replica_views(app) -> dict[str, dict] | None:
 def test_set_weight_reaches_both_replicas_within_a_second_without_redeploy(deploy, cluster):
     app = deploy(app_args(rollout=HOLD), ingress_replicas=2)
     before = wait_for(lambda: _both_replica_views(app), 10, "two replicas")
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve_canary.cli",
-            "--address",
-            cluster["gcs_address"],
-            "--app",
-            app.name,
-            "--json",
-            "set-weight",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = serve_canary_cli("--address", cluster["gcs_address"], "--app", app.name, "--json", "set-weight", "0.5")
     assert cli.returncode == 0, cli.stderr
     answer = json.loads(cli.stdout)
     assert answer["canary_weight"] == 0.5
