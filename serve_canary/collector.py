@@ -56,6 +56,6 @@ class MetricsCollector:
         """Count feedback on a request once; False (and nothing counted) if it was rated before."""
         if not self._rated.admit(attribution, time.time()):
             return False
-        self._ledger.add_feedback(attribution.window, attribution.arm, rating, hallucination)
+        self._ledger.add_feedback(attribution.window, attribution.arm, attribution.unit, rating, hallucination)
         self._exporter.feedback(attribution.arm, attribution.version, rating, hallucination)
         return True

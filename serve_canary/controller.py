@@ -217,7 +217,16 @@ class RolloutController:
                 reason = "the metrics collector restarted and lost this window's records; judging a new window"
                 return await self._commit(rollout.reopen_window(state, phases, time.time(), reason, latest=latest))
             min_requests = phases[state.phase_index].min_requests
-            verdict = judge(window["stable"], window["canary"], health, min_requests, health.alpha, state.evidence)
+            verdict = judge(
+                window["stable"],
+                window["canary"],
+                health,
+                min_requests,
+                health.alpha,
+                state.evidence,
+                weight=state.weight,
+                window_index=state.window_seq,
+            )
             self._last_verdict, self._evaluated_at = verdict, time.time()
             self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
             new_state = rollout.evaluate(state, verdict, phases, self._evaluated_at, self._config.rollout.auto_rollback)

@@ -38,6 +38,7 @@ class Attribution:
     arm: Arm
     version: str
     window: str
+    unit: str | None  # the user it counts for (`RequestRecord.unit`)
     expires_at: float
 
 

@@ -221,6 +221,7 @@ class CanaryIngress:
             served.arm,
             served.version,
             served.window,
+            served.unit,
             time.time() + self._config.feedback.token_ttl_s,
         )
         served = replace(served, feedback_token=feedback.issue(self._feedback_key, attribution))

@@ -2,34 +2,41 @@
 
 Canary is compared with stable measured in the same window, never with history, using
 anytime-valid statistics (`sequential`), so judging every few seconds does not inflate false
-rollbacks:
+rollbacks. What is compared are users, the unit the router randomises (`serve_canary.units`):
+a flagged unit (one that saw an error, a hallucination flag, or a latency above a threshold)
+is the canary's with probability equal to the canary's weight when the canary is no
+different, however its requests cluster.
 
-- FAIL when a one-sided sequential test says the canary is worse (e-value ≥ 1/α) — error
-  rate, hallucination flags, and for TTFT, end-to-end and inter-token latency the rate at
-  which the canary exceeds stable's p95 — or when a confidence bound puts the canary past an
-  absolute limit. A FAIL needs no minimum of requests: the tests are valid at any size.
-- PASS needs evidence, not silence: `min_requests` on both arms and, for every metric, an
-  upper confidence bound on canary/stable below the metric's allowed increase (for the error
-  rate, or the canary's rate bounded below the absolute limit; for latencies, the median
-  ratio, the tail being the exceedance test's job).
+- FAIL when a one-sided sequential test says the canary is worse (e-value ≥ 1/α):
+  more canary users with an error or a hallucination flag than its weight explains; for TTFT,
+  end-to-end and inter-token latency at p95 and p99, more canary users above
+  `max_*_increase` × stable's quantile than stable users above the quantile itself (worse by
+  more than the tolerance). Or when the canary is over an absolute limit with confidence while
+  stable is within it; when stable is over the same limit too, the verdict is WAIT with an
+  alert: a shared incident is not the canary's regression.
+- PASS needs evidence from the current window, not silence: `min_requests` on both arms and,
+  for every metric that gates promotion, the dual test (canary shown within the tolerance:
+  for errors, a unit error rate below `max_error_rate_increase` × stable's or a request error
+  rate bounded below `max_error_rate`).
 - Otherwise WAIT, with the reason.
 
-The sequential tests run over the whole attempt (every window since the rollout started or
-restarted), each window at its own traffic share: a closed window enters as the `Segment`s
-(event counts and share) of the last verdict on it, so a look never re-reads old samples.
-α, the attempt's false-rollback budget, is split across metrics by `METRICS`, the one table
-of what is judged (Kayenta's metrics as data).
+The rollback tests run over the whole attempt: each closed window enters as its `Segment`
+(the last verdict's counts and weight), as a factor of its own, mixed half-and-half with 1 so
+a window in which stable alone had an incident costs the canary's test at most a factor of 2
+instead of certifying it. Promotion reads the current window only, for the same reason.
+Absolute limits spend their share of α over the attempt's windows (half, a quarter, ...).
+α, the attempt's false-rollback budget, is split across `METRICS` and `LIMITS` (Kayenta's
+metrics as data).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
-from serve_canary.metrics import ArmAggregate, Reservoir, sorted_quantile
+from serve_canary.metrics import ArmAggregate, sorted_quantile
 from serve_canary.sequential import (
     Segment,
     not_worse_than_e_value,
@@ -37,110 +44,134 @@ from serve_canary.sequential import (
     quantile_margin,
     ratio_e_value,
 )
+from serve_canary.units import LATENCIES, QUANTILES, UnitTally
 
 Decision = Literal["pass", "wait", "fail"]
 WindowEvidence = Mapping[str, Segment]  # metric name → the segment it contributes from one closed window
-LATENCY_QUANTILE = 0.95  # the tail the latency tests watch: "exceeds stable's p95"
 NO_SEGMENT: Segment = (0, 0, 0.0)
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One judged metric: how to read it from an arm, what it is held to, its share of α.
+    """One compared metric: which units it flags, its tolerance, its share of α.
 
-    A `rate` metric counts events among trials (`counts` → (events, trials)); a `latency`
-    metric reads a reservoir of seconds. `gates_promotion`: whether promotion must wait for
-    evidence on it (sparse, optional feedback can fail a canary but never hold one back).
+    A `rate` metric flags units (`flagged`); a `latency` metric reads the units' worst ratio to
+    stable's quantile (`threshold`, a `units.THRESHOLD_KEYS` key). `gates_promotion`: whether
+    promotion must wait for evidence on it (sparse, optional feedback can fail a canary but
+    never hold one back).
     """
 
     name: str
     kind: Literal["rate", "latency"]
     alpha_share: float
     allowed_increase: Callable[[HealthConfig], float]
-    absolute_limit: Callable[[HealthConfig], float | None]
-    counts: Callable[[ArmAggregate], tuple[int, int]] | None = None
-    samples: Callable[[ArmAggregate], Reservoir] | None = None
+    flagged: Callable[[UnitTally], int] | None = None
+    threshold: str | None = None
     gates_promotion: bool = True
 
+
+_LATENCY_TOLERANCE: dict[str, Callable[[HealthConfig], float]] = {
+    "ttft": lambda h: h.max_ttft_increase,
+    "e2e": lambda h: h.max_latency_increase,
+    "itl": lambda h: h.max_itl_increase,
+}
 
 # Errors matter most and are rarest: the largest share of α.
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
-        "error_rate",
-        "rate",
-        0.4,
-        allowed_increase=lambda h: h.max_error_rate_increase,
-        absolute_limit=lambda h: h.max_error_rate,
-        counts=lambda a: (a.errors, a.requests),
-    ),
-    MetricSpec(
-        "ttft_p95_ms",
-        "latency",
-        0.15,
-        allowed_increase=lambda h: h.max_ttft_increase,
-        absolute_limit=lambda h: h.max_ttft_ms,
-        samples=lambda a: a.ttft_s,
-    ),
-    MetricSpec(
-        "e2e_p95_ms",
-        "latency",
-        0.15,
-        allowed_increase=lambda h: h.max_latency_increase,
-        absolute_limit=lambda h: h.max_latency_ms,
-        samples=lambda a: a.e2e_s,
-    ),
-    MetricSpec(
-        "itl_p95_ms",
-        "latency",
-        0.15,
-        allowed_increase=lambda h: h.max_itl_increase,
-        absolute_limit=lambda h: None,
-        samples=lambda a: a.itl_s,
+        "error_rate", "rate", 0.3, allowed_increase=lambda h: h.max_error_rate_increase, flagged=lambda u: u.errors
     ),
     MetricSpec(
         "hallucination_rate",
         "rate",
-        0.15,
+        0.1,
         allowed_increase=lambda h: h.max_hallucination_increase,
-        absolute_limit=lambda h: None,
-        counts=lambda a: (a.hallucinations, a.hallucination_reports),
+        flagged=lambda u: u.hallucinations,
         gates_promotion=False,
+    ),
+    *(
+        MetricSpec(
+            f"{latency}_{quantile}_ms",
+            "latency",
+            0.08,
+            allowed_increase=_LATENCY_TOLERANCE[latency],
+            threshold=f"{latency}_{quantile}",
+        )
+        for latency in LATENCIES
+        for quantile in QUANTILES
     ),
 )
 
 
 @dataclass(frozen=True)
-class RateStats:
-    """The evidence behind a rate check."""
+class LimitSpec:
+    """An absolute limit on the canary (an SLO), read per request from the window's samples."""
 
-    e_value: float  # "the canary's rate is higher" (rollback at e_threshold)
-    e_threshold: float
-    not_worse_e_value: float  # "the canary's rate is at least `limit` × stable's" (promotion at not_worse_threshold)
-    not_worse_threshold: float
-    ratio: float | None
-    canary_rate_bounds: tuple[float, float]
-    canary_share: float
-    canary_events: int
-    stable_events: int
-    canary_n: int
-    stable_n: int
-    kind: Literal["rate"] = "rate"
+    name: str
+    alpha_share: float
+    limit: Callable[[HealthConfig], float]
+    bounds: Callable[[ArmAggregate, float], tuple[float | None, float | None]]  # (lower, upper) at α
+    estimate: Callable[[ArmAggregate], float | None]
+    unit: Literal["%", "ms"]
+
+
+def _rate_bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
+    return proportion_bounds(arm.errors, arm.requests, alpha) if arm.requests else (None, None)
+
+
+def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | None, float | None]]:
+    def bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
+        ordered = sorted(arm.latency_samples(latency).values)
+        margin = quantile_margin(len(ordered), 0.95, alpha)
+        low, high = 0.95 - margin, 0.95 + margin  # beyond [0, 1]: too few samples to bound it
+        return (
+            sorted_quantile(ordered, low) * 1000.0 if ordered and low > 0.0 else None,
+            sorted_quantile(ordered, high) * 1000.0 if ordered and high < 1.0 else None,
+        )
+
+    return bounds
+
+
+def _p95_ms(latency: str) -> Callable[[ArmAggregate], float | None]:
+    def estimate(arm: ArmAggregate) -> float | None:
+        value = arm.latency_samples(latency).quantile(0.95)
+        return None if value is None else value * 1000.0
+
+    return estimate
+
+
+LIMITS: tuple[LimitSpec, ...] = (
+    LimitSpec("error_rate_limit", 0.04, lambda h: h.max_error_rate, _rate_bounds, lambda a: a.error_rate, unit="%"),
+    LimitSpec("e2e_p95_limit", 0.04, lambda h: h.max_latency_ms, _p95_bounds("e2e"), _p95_ms("e2e"), unit="ms"),
+    LimitSpec("ttft_p95_limit", 0.04, lambda h: h.max_ttft_ms, _p95_bounds("ttft"), _p95_ms("ttft"), unit="ms"),
+)
 
 
 @dataclass(frozen=True)
-class LatencyStats:
-    """The evidence behind a latency check (values in ms)."""
+class UnitStats:
+    """The evidence behind a comparison of units."""
 
-    e_value: float  # "the canary exceeds stable's p95 more often"
+    e_value: float  # "the canary is worse by more than the tolerance" (rollback at e_threshold)
     e_threshold: float
-    ratio: float  # canary p95 / stable p95
-    median_ratio_upper: float
-    canary_p95_lower_ms: float
-    canary_over_stable_p95: int
-    stable_over_stable_p95: int
-    canary_n: int
-    stable_n: int
-    kind: Literal["latency"] = "latency"
+    not_worse_e_value: float  # "the canary is at least the tolerance worse", this window (promotion at its threshold)
+    not_worse_threshold: float
+    canary_weight: float
+    canary_flagged: int  # canary units flagged (for latency: above tolerance × stable's quantile)
+    stable_flagged: int
+    canary_units: int
+    stable_units: int
+    threshold_ms: float | None = None  # latency: stable's quantile, fixed for the window
+    kind: Literal["units"] = "units"
+
+
+@dataclass(frozen=True)
+class LimitStats:
+    """The evidence behind an absolute limit: both arms' confidence bounds."""
+
+    alpha: float
+    canary_bounds: tuple[float | None, float | None]
+    stable_bounds: tuple[float | None, float | None]
+    kind: Literal["limit"] = "limit"
 
 
 @dataclass(frozen=True)
@@ -148,11 +179,12 @@ class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: float | None  # the allowed canary/stable ratio it was held to
+    limit: float | None  # the tolerance (canary/stable) or the absolute limit it was held to
     decision: Decision
     reason: str
-    stats: RateStats | LatencyStats | None = None
+    stats: UnitStats | LimitStats | None = None
     segment: Segment = NO_SEGMENT  # this window's contribution to the sequential test
+    alert: bool = False  # both arms are over an absolute limit
 
 
 @dataclass(frozen=True)
@@ -172,146 +204,126 @@ class Verdict:
         return [check.metric for check in self.checks if check.decision == "fail"]
 
     @property
+    def alerts(self) -> list[str]:
+        return [check.reason for check in self.checks if check.alert]
+
+    @property
     def evidence(self) -> dict[str, Segment]:
         """What this window contributes to later looks once it is closed."""
         return {check.metric: check.segment for check in self.checks if check.segment != NO_SEGMENT}
 
 
-def _share(canary_n: int, stable_n: int) -> float:
-    return canary_n / (canary_n + stable_n) if canary_n + stable_n else 0.0
+def attempt_e_value(earlier: Sequence[Segment], current: Segment, null_ratio: float = 1.0) -> float:
+    """The rollback test's e-value over the attempt: each closed window's factor mixed with 1
+    (a window can cost at most ×2), times the current window's."""
+    value = ratio_e_value([current], null_ratio)
+    for segment in earlier:
+        value *= (1.0 + ratio_e_value([segment], null_ratio)) / 2.0
+    return value
 
 
-def _rate_check(
+def _compare(
     spec: MetricSpec,
     stable: ArmAggregate,
     canary: ArmAggregate,
     earlier: list[Segment],
     health: HealthConfig,
     alpha: float,
+    weight: float,
 ) -> MetricCheck:
-    assert spec.counts is not None
-    (canary_events, canary_n), (stable_events, stable_n) = spec.counts(canary), spec.counts(stable)
-    allowed, absolute_limit, promotion_alpha = (
-        spec.allowed_increase(health),
-        spec.absolute_limit(health),
-        health.promotion_alpha,
-    )
-    if canary_n == 0 or stable_n == 0:
+    allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
+    if spec.kind == "rate":
+        assert spec.flagged is not None
+        rollback = promotion = (spec.flagged(canary.units), spec.flagged(stable.units), weight)
+        shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
+        threshold_ms, tolerance = None, allowed
+        what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
+    else:
+        assert spec.threshold is not None
+        threshold = stable.units.thresholds.get(spec.threshold)
+        if threshold is None:
+            return MetricCheck(
+                spec.name, None, None, allowed, "wait", "stable's quantile is not fixed yet (too few samples)"
+            )
+        stable_over = stable.units.over(spec.threshold, 1.0, "inner")
+        rollback = (canary.units.over(spec.threshold, allowed, "inner"), stable_over, weight)
+        promotion = (canary.units.over(spec.threshold, allowed, "outer"), stable_over, weight)
+        latency, quantile = spec.threshold.split("_")
+        level = QUANTILES[quantile]
+        samples = (stable.latency_samples(latency).quantile(level), canary.latency_samples(latency).quantile(level))
+        shown = tuple(None if v is None else v * 1000.0 for v in samples)  # type: ignore[assignment]
+        threshold_ms, tolerance = threshold * 1000.0, 1.0
+        what = f"users above {allowed:g}× stable's {quantile} ({threshold * 1000.0:.1f} ms; stable: above 1×)"
+    canary_units, stable_units = canary.units.units, stable.units.units
+    if canary_units == 0 or stable_units == 0:
         decision: Decision = "wait" if spec.gates_promotion else "pass"
-        return MetricCheck(spec.name, None, None, allowed, decision, "no data on one arm yet")
-    segment = (canary_events, stable_events, _share(canary_n, stable_n))
-    stable_rate, canary_rate = stable_events / stable_n, canary_events / canary_n
-    e_value = ratio_e_value([*earlier, segment])
-    promotion_e = not_worse_than_e_value([*earlier, segment], allowed)
-    rate_lower, _ = proportion_bounds(canary_events, canary_n, alpha)
-    _, rate_upper = proportion_bounds(canary_events, canary_n, promotion_alpha)
-    stats = RateStats(
+        return MetricCheck(spec.name, *shown, allowed, decision, "no users on one arm yet")
+    e_value = attempt_e_value(earlier, rollback)
+    promotion_e = not_worse_than_e_value([promotion], tolerance)
+    stats = UnitStats(
         e_value=e_value,
         e_threshold=1.0 / alpha,
         not_worse_e_value=promotion_e,
         not_worse_threshold=1.0 / promotion_alpha,
-        ratio=canary_rate / stable_rate if stable_rate else None,
-        canary_rate_bounds=(rate_lower, rate_upper),
-        canary_share=segment[2],
-        canary_events=canary_events,
-        stable_events=stable_events,
-        canary_n=canary_n,
-        stable_n=stable_n,
+        canary_weight=weight,
+        canary_flagged=rollback[0],
+        stable_flagged=rollback[1],
+        canary_units=canary_units,
+        stable_units=stable_units,
+        threshold_ms=threshold_ms,
     )
 
     def check(decision: Decision, reason: str) -> MetricCheck:
-        return MetricCheck(spec.name, stable_rate, canary_rate, allowed, decision, reason, stats, segment)
+        return MetricCheck(spec.name, *shown, allowed, decision, reason, stats, rollback)
 
+    counts = f"{what}: canary {rollback[0]}/{canary_units}, stable {rollback[1]}/{stable_units} at weight {weight:g}"
     if e_value >= 1.0 / alpha:
-        evidence = f"e-value {e_value:.3g} ≥ {1 / alpha:.3g}"
-        return check("fail", f"{spec.name} {canary_rate:.2%} vs stable {stable_rate:.2%}: canary worse ({evidence})")
-    if absolute_limit is not None and rate_lower > absolute_limit:
-        bound = f"lower bound {rate_lower:.2%}"
-        return check(
-            "fail", f"{spec.name} {canary_rate:.2%}: above the {absolute_limit:.2%} limit with confidence ({bound})"
-        )
+        return check("fail", f"{spec.name}: canary worse by more than {allowed:g}× ({counts}; e-value {e_value:.3g})")
     if not spec.gates_promotion:
-        return check("pass", f"no evidence of a higher {spec.name}")
+        return check("pass", f"no evidence of more {what}")
     if promotion_e >= 1.0 / promotion_alpha:
-        return check("pass", f"canary/stable shown below {allowed:g} (e-value {promotion_e:.3g})")
-    if absolute_limit is not None and rate_upper <= absolute_limit:
-        return check("pass", f"canary rate ≤ {rate_upper:.2%} (limit {absolute_limit:.2%})")
-    reason = (
-        f"not enough evidence that canary/stable < {allowed:g} "
-        f"(e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g} needed)"
+        return check("pass", f"canary shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g})")
+    if spec.name == "error_rate" and canary.requests:
+        _, rate_upper = proportion_bounds(canary.errors, canary.requests, promotion_alpha)
+        if rate_upper <= health.max_error_rate:
+            return check("pass", f"canary error rate ≤ {rate_upper:.2%} (limit {health.max_error_rate:.2%})")
+    return check(
+        "wait",
+        f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g})",
     )
-    if absolute_limit is not None:
-        reason += f" or that the canary rate is ≤ {absolute_limit:.2%} (upper bound {rate_upper:.2%})"
-    return check("wait", reason)
 
 
-def _latency_check(
-    spec: MetricSpec,
-    stable_arm: ArmAggregate,
-    canary_arm: ArmAggregate,
-    earlier: list[Segment],
-    health: HealthConfig,
-    alpha: float,
+def _limit_check(
+    spec: LimitSpec, stable: ArmAggregate, canary: ArmAggregate, health: HealthConfig, alpha: float
 ) -> MetricCheck:
-    assert spec.samples is not None
-    allowed, absolute_limit_ms, promotion_alpha = (
-        spec.allowed_increase(health),
-        spec.absolute_limit(health),
-        health.promotion_alpha,
-    )
-    stable, canary = sorted(spec.samples(stable_arm).values), sorted(spec.samples(canary_arm).values)
-    if not stable and not canary:
-        return MetricCheck(spec.name, None, None, allowed, "pass", "no samples on either arm: nothing to compare")
-    if not stable or not canary:
-        return MetricCheck(spec.name, None, None, allowed, "wait", "no latency samples on one arm yet")
-    threshold = sorted_quantile(stable, LATENCY_QUANTILE)
-    canary_over, stable_over = (
-        len(canary) - bisect_right(canary, threshold),
-        len(stable) - bisect_right(stable, threshold),
-    )
-    segment = (canary_over, stable_over, _share(len(canary), len(stable)))
-    e_value = ratio_e_value([*earlier, segment])
-    stable_p95, canary_p95 = threshold * 1000.0, sorted_quantile(canary, LATENCY_QUANTILE) * 1000.0
-    # Promotion bounds the median ratio: a p95 bound needs ~1,500 samples per arm to move off
-    # the sample maximum, and the tail is already guarded by the exceedance test above.
-    ratio_upper = sorted_quantile(canary, 0.5 + quantile_margin(len(canary), 0.5, promotion_alpha)) / max(
-        sorted_quantile(stable, 0.5 - quantile_margin(len(stable), 0.5, promotion_alpha)), 1e-9
-    )
-    margin = quantile_margin(len(canary), LATENCY_QUANTILE, alpha)
-    canary_p95_lower = sorted_quantile(canary, LATENCY_QUANTILE - margin) * 1000.0
-    stats = LatencyStats(
-        e_value=e_value,
-        e_threshold=1.0 / alpha,
-        ratio=canary_p95 / max(stable_p95, 1e-9),
-        median_ratio_upper=ratio_upper,
-        canary_p95_lower_ms=canary_p95_lower,
-        canary_over_stable_p95=canary_over,
-        stable_over_stable_p95=stable_over,
-        canary_n=len(canary),
-        stable_n=len(stable),
-    )
+    limit = spec.limit(health)
+    canary_bounds, stable_bounds = spec.bounds(canary, alpha), spec.bounds(stable, alpha)
+    stats = LimitStats(alpha, canary_bounds, stable_bounds)
+    values = spec.estimate(stable), spec.estimate(canary)
 
-    def check(decision: Decision, reason: str) -> MetricCheck:
-        return MetricCheck(spec.name, stable_p95, canary_p95, allowed, decision, reason, stats, segment)
+    def show(value: float | None) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.2%}" if spec.unit == "%" else f"{value:.1f} ms"
 
-    if e_value >= 1.0 / alpha:
+    def check(decision: Decision, reason: str, alert: bool = False) -> MetricCheck:
+        return MetricCheck(spec.name, *values, limit, decision, reason, stats, alert=alert)
+
+    canary_low, (_, stable_high) = canary_bounds[0], stable_bounds
+    if canary_low is None or canary_low <= limit:
+        return check("pass", f"canary not shown over the {show(limit)} limit")
+    if stable_high is not None and stable_high <= limit:
         return check(
             "fail",
-            f"{spec.name} {canary_p95:.1f} ms vs stable {stable_p95:.1f} ms: {canary_over}/{len(canary)} canary "
-            f"requests above stable's p95 (e-value {e_value:.3g} ≥ {1 / alpha:.3g})",
+            f"{spec.name}: canary {show(values[1])} over the {show(limit)} limit with confidence "
+            f"(lower bound {show(canary_low)}), stable within it ({show(values[0])})",
         )
-    if absolute_limit_ms is not None and canary_p95_lower > absolute_limit_ms:
-        return check(
-            "fail", f"{spec.name} {canary_p95:.1f} ms: above the {absolute_limit_ms:g} ms limit with confidence"
-        )
-    if ratio_upper <= allowed:
-        return check("pass", f"canary/stable median ≤ {ratio_upper:.2f} (allowed {allowed:g})")
     return check(
-        "wait", f"not enough evidence: canary/stable median could be up to {ratio_upper:.2f} (allowed {allowed:g})"
+        "wait",
+        f"both arms over the SLO: canary {show(values[1])} and stable {show(values[0])} against the "
+        f"{show(limit)} limit; a shared problem, not the canary's regression",
+        alert=True,
     )
-
-
-CHECKS = {"rate": _rate_check, "latency": _latency_check}
 
 
 def judge(
@@ -321,25 +333,33 @@ def judge(
     min_requests: int,
     alpha: float,
     earlier: Sequence[WindowEvidence] = (),
+    *,
+    weight: float,
+    window_index: int = 0,
 ) -> Verdict:
-    """Judge the current window.
+    """Judge the current window, served at canary `weight`.
 
-    The sequential tests and the rate metrics' promotion tests also count the `earlier`
-    windows of the same attempt (each at its own traffic share), so evidence carries across
-    phase changes; the latency promotion bound (a median ratio) uses the current window only.
-    `alpha`, the attempt's false-rollback budget, is split across `METRICS`.
+    The rollback tests also count the `earlier` windows of the same attempt; promotion reads
+    this window only. `alpha`, the attempt's false-rollback budget, is split across `METRICS`
+    and `LIMITS`; a limit spends 2^-(window_index + 1) of its share in this window.
     """
-    checks = tuple(
-        CHECKS[spec.kind](
+    compared = [
+        _compare(
             spec,
             stable,
             canary,
             [window[spec.name] for window in earlier if spec.name in window],
             health,
             alpha * spec.alpha_share,
+            weight,
         )
         for spec in METRICS
-    )
+    ]
+    limits = [
+        _limit_check(spec, stable, canary, health, alpha * spec.alpha_share / 2 ** (window_index + 1))
+        for spec in LIMITS
+    ]
+    checks = (*compared, *limits)
     counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
     failed = [check for check in checks if check.decision == "fail"]
     if failed:

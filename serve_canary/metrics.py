@@ -1,8 +1,15 @@
 """What happened to each request, and the per-window, per-arm aggregates the judge reads.
 
 Pure: the ingress builds `RequestRecord`s, the collector actor feeds them to a `MetricsLedger`.
-Latencies are kept in bounded reservoirs (uniform samples), good for quantiles and for the
-judge's tests, with memory that does not grow with traffic.
+Latencies are kept in bounded reservoirs (uniform samples), for quantiles and absolute
+limits, with memory that does not grow with traffic; what the judge's comparisons read is
+the per-user `UnitTally` (`serve_canary.units`).
+
+Attribution: a canary request that fails before its first token is a canary error; when it
+is then answered by stable, that answer (outcome `failover`) is not one of stable's requests,
+so a failing canary cannot make stable look busy or slow. A cancelled request is not a
+request either, but the time it ran is a lower bound on its latency and enters the latency
+figures: a client that gives up on a slow answer must not hide it from the tail.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import NamedTuple
 from pydantic import BaseModel
 
 from serve_canary.routing import ARMS, Arm
+from serve_canary.units import LATENCIES, QUANTILES, UnitTally
 
 RESERVOIR_SIZE = 4096
 WINDOW_CAPACITY = 4
@@ -26,9 +34,12 @@ class RequestRecord(NamedTuple):
 
     request_id: str
     window: str
+    unit: str | None  # the routing key's position under the table's salt (hex); None: keyless
     arm: Arm
     version: str
-    outcome: str  # "ok" | "error" | "cancelled" | "rejected" (the arm refused the client's request: 4xx)
+    # "ok" | "error" | "cancelled" | "rejected" (the arm refused the client's request: 4xx) |
+    # "failover" (stable answered after the canary failed: the request is the canary's error)
+    outcome: str
     error_kind: str | None  # "before_first_token" | "midstream" | a failed finish reason | "client_error"
     ttft_s: float | None
     itl_s: float | None  # mean gap between chunks' tokens, None below two tokens
@@ -40,7 +51,7 @@ class RequestRecord(NamedTuple):
 class Reservoir:
     """A uniform sample of at most `capacity` values from a stream (Vitter's algorithm R)."""
 
-    def __init__(self, capacity: int = RESERVOIR_SIZE, seed: int = 0) -> None:
+    def __init__(self, capacity: int = RESERVOIR_SIZE, seed: int | None = None) -> None:
         self.capacity = capacity
         self.seen = 0
         self.values: list[float] = []
@@ -80,6 +91,7 @@ class ArmAggregate:
     errors: int = 0
     cancelled: int = 0
     rejected: int = 0
+    failovers: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
     output_tokens: int = 0
     ttft_s: Reservoir = field(default_factory=Reservoir)
@@ -89,33 +101,48 @@ class ArmAggregate:
     rating_sum: float = 0.0
     hallucinations: int = 0
     hallucination_reports: int = 0
+    units: UnitTally = field(default_factory=UnitTally)
+
+    def latency_samples(self, latency: str) -> Reservoir:
+        return {"ttft": self.ttft_s, "e2e": self.e2e_s, "itl": self.itl_s}[latency]
 
     def add(self, record: RequestRecord) -> None:
-        if record.outcome == "cancelled":
-            self.cancelled += 1
-            return
         if record.outcome == "rejected":
             self.rejected += 1
             return
-        self.requests += 1
-        self.output_tokens += record.output_tokens
+        if record.outcome == "failover":
+            self.failovers += 1
+            return
+        latencies: dict[str, float | None] = {"e2e": record.e2e_s, "ttft": record.ttft_s, "itl": record.itl_s}
+        if record.outcome == "cancelled":
+            self.cancelled += 1
+            latencies = {"e2e": record.e2e_s, "ttft": record.ttft_s or record.e2e_s, "itl": None}
+        else:
+            self.requests += 1
+            self.output_tokens += record.output_tokens
         if record.outcome == "error":
             self.errors += 1
             self.error_kinds[record.error_kind or "unknown"] += 1
-            return
-        self.e2e_s.add(record.e2e_s)
-        if record.ttft_s is not None:
-            self.ttft_s.add(record.ttft_s)
-        if record.itl_s is not None:
-            self.itl_s.add(record.itl_s)
+            latencies = {}
+        for latency, value in latencies.items():
+            if value is not None:
+                self.latency_samples(latency).add(value)
+        ratios = {
+            key: value / max(threshold, 1e-9)
+            for key, threshold in self.units.thresholds.items()
+            if (value := latencies.get(key.split("_")[0])) is not None
+        }
+        self.units.add(record.unit, record.outcome == "error", ratios)
 
-    def add_feedback(self, rating: float | None, hallucination: bool | None) -> None:
+    def add_feedback(self, unit: str | None, rating: float | None, hallucination: bool | None) -> None:
         if rating is not None:
             self.ratings += 1
             self.rating_sum += rating
         if hallucination is not None:
             self.hallucination_reports += 1
             self.hallucinations += int(hallucination)
+            if hallucination:
+                self.units.add_hallucination(unit)
 
     @property
     def error_rate(self) -> float | None:
@@ -167,6 +194,35 @@ class ArmSummary(BaseModel):
     hallucinations: int
 
 
+def new_window() -> dict[Arm, ArmAggregate]:
+    """Both arms' aggregates for a new window, sharing its (not yet fixed) latency thresholds."""
+    thresholds: dict[str, float] = {}
+    return {arm: ArmAggregate(units=UnitTally(thresholds=thresholds)) for arm in ARMS}
+
+
+def threshold_samples(level: float) -> int:
+    """Stable samples a window needs before its `level` quantile is fixed: ~10 above it."""
+    return round(10.0 / (1.0 - level))
+
+
+def fix_thresholds(arms: dict[Arm, ArmAggregate]) -> None:
+    """Fix each latency threshold (stable's quantile) once stable has `threshold_samples` of it.
+
+    Fixed once, not re-estimated at every look: the units' flags are then events against a
+    constant, which is what keeps the judge's sequential tests valid. Requests before that
+    are not flagged against it on either arm.
+    """
+    stable, thresholds = arms["stable"], arms["stable"].units.thresholds
+    if len(thresholds) == len(LATENCIES) * len(QUANTILES):
+        return
+    for latency in LATENCIES:
+        samples = stable.latency_samples(latency)
+        for name, level in QUANTILES.items():
+            key = f"{latency}_{name}"
+            if key not in thresholds and samples.seen >= threshold_samples(level):
+                thresholds[key] = sorted_quantile(sorted(samples.values), level)
+
+
 class MetricsLedger:
     """Aggregates per (window, arm) for the most recent windows.
 
@@ -181,11 +237,11 @@ class MetricsLedger:
 
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
         """The window's aggregates (empty ones if it has no records), without keeping it."""
-        return self._windows.get(window) or {arm: ArmAggregate() for arm in ARMS}
+        return self._windows.get(window) or new_window()
 
     def _writable(self, window: str) -> dict[Arm, ArmAggregate]:
         if window not in self._windows:
-            self._windows[window] = {arm: ArmAggregate() for arm in ARMS}
+            self._windows[window] = new_window()
             while len(self._windows) > self._window_capacity:
                 self._windows.popitem(last=False)
         return self._windows[window]
@@ -197,8 +253,13 @@ class MetricsLedger:
 
     def add(self, records: list[RequestRecord]) -> None:
         for record in records:
-            self._writable(record.window)[record.arm].add(record)
+            arms = self._writable(record.window)
+            arms[record.arm].add(record)
+            if record.arm == "stable":
+                fix_thresholds(arms)
 
-    def add_feedback(self, window: str, arm: Arm, rating: float | None, hallucination: bool | None) -> None:
+    def add_feedback(
+        self, window: str, arm: Arm, unit: str | None, rating: float | None, hallucination: bool | None
+    ) -> None:
         """Count feedback in the window that served the request (also before its record arrives)."""
-        self._writable(window)[arm].add_feedback(rating, hallucination)
+        self._writable(window)[arm].add_feedback(unit, rating, hallucination)

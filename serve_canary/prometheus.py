@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serve_canary.judge import UnitStats
 from serve_canary.metrics import RequestRecord
 from serve_canary.rollout import STATUSES, Event
 from serve_canary.status import RolloutStatus
@@ -169,6 +170,12 @@ class PrometheusExporter:
             ("model", "metric"),
             registry=registry,
         )
+        self.slo_alert = Gauge(
+            "serve_canary_slo_alert",
+            "1 while both arms are over an absolute limit (an incident the judge does not hold against the canary).",
+            ("model", "metric"),
+            registry=registry,
+        )
         self.judge_decision = Gauge(
             "serve_canary_judge_decision",
             "Latest verdict: -1 fail, 0 wait, 1 pass.",
@@ -217,8 +224,10 @@ class PrometheusExporter:
         if verdict is not None:
             self.judge_decision.labels(self.model).set(DECISION_VALUES[verdict.decision])
             for check in verdict.checks:
-                if check.stats is not None:
+                if isinstance(check.stats, UnitStats):
                     self.judge_e_value.labels(self.model, check.metric).set(check.stats.e_value)
+                if check.stats is not None and check.stats.kind == "limit":
+                    self.slo_alert.labels(self.model, check.metric).set(1.0 if check.alert else 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

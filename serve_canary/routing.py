@@ -56,9 +56,15 @@ class RoutingTable:
 
     def arm_for(self, key: str | None) -> Arm:
         """The arm for a routing key; no key means a fresh random draw per request."""
+        return self.route(key)[0]
+
+    def route(self, key: str | None) -> tuple[Arm, str | None]:
+        """The arm for a routing key and the key's unit id (its position, in hex: the key
+        itself never leaves the ingress); a keyless request is a unit of its own (None)."""
         if key is None:
-            return "canary" if random.random() < self.canary_weight else "stable"
-        return "canary" if self.position(key) < self._threshold else "stable"
+            return ("canary" if random.random() < self.canary_weight else "stable"), None
+        position = self.position(key)
+        return ("canary" if position < self._threshold else "stable"), f"{position:016x}"
 
     def version_of(self, arm: Arm) -> str:
         return self.canary_version if arm == "canary" else self.stable_version

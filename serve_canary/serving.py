@@ -68,6 +68,7 @@ class Served:
     version: str
     request_id: str
     window: str  # the metrics window it is recorded in
+    unit: str | None  # the unit it counts for (`RequestRecord.unit`)
     body: dict[str, Any] | None = None
     stream: AsyncIterator[str] | None = None
     feedback_token: str = ""  # set by the ingress
@@ -91,8 +92,11 @@ def failure_message(exc: BaseException) -> str:
 class _Attempt:
     """Times one call to one arm and turns it into a RequestRecord."""
 
-    def __init__(self, request_id: str, table: RoutingTable, arm: Arm, clock: Callable[[], float]) -> None:
-        self.request_id, self.table, self.arm, self.clock = request_id, table, arm, clock
+    def __init__(
+        self, request_id: str, table: RoutingTable, arm: Arm, unit: str | None, clock: Callable[[], float]
+    ) -> None:
+        self.request_id, self.table, self.arm, self.unit, self.clock = request_id, table, arm, unit, clock
+        self.failed_over = False  # stable answering a canary request that failed: not stable's request
         self.started = clock()
         self.first_at: float | None = None
         self.last_at = self.started
@@ -105,6 +109,8 @@ class _Attempt:
         output_tokens: int = 0,
     ) -> RequestRecord:
         now = self.clock()
+        if self.failed_over and outcome != "rejected":
+            outcome, error_kind = "failover", None
         ttft = None if self.first_at is None else self.first_at - self.started
         itl = None
         if self.first_at is not None and output_tokens > 1:
@@ -112,6 +118,7 @@ class _Attempt:
         return RequestRecord(
             self.request_id,
             self.table.window,
+            self.unit,
             self.arm,
             self.table.version_of(self.arm),
             outcome,
@@ -202,11 +209,13 @@ async def serve_request(
         envelope = Envelope.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    arm = table.arm_for(key)
+    arm, unit = table.route(key)
+    failed_over = False
     while True:
         endpoint = arms[arm]
         request = endpoint.request(kind, body, request_id, envelope.stream)
-        attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, clock)
+        attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, unit, clock)
+        attempt.failed_over = failed_over
         stream = endpoint.open(kind, request)
         can_fail_over = arm == "canary" and failover
         timeout_s = canary_first_item_timeout_s if can_fail_over else None
@@ -230,7 +239,7 @@ async def serve_request(
             raise OpenAIError(status, message)
         record(attempt.record("error", error_kind))
         if can_fail_over:
-            arm = "stable"
+            arm, failed_over = "stable", True
             continue
         raise OpenAIError(
             502, f"model version {endpoint.version} failed before its first token: {message}", "server_error"
@@ -241,9 +250,9 @@ async def serve_request(
         # early would cost a cancellation message per request.
         async for _ in stream:
             pass
-        return Served(arm, endpoint.version, attempt.request_id, table.window, body=body)
+        return Served(arm, endpoint.version, attempt.request_id, table.window, unit, body=body)
     relayed = _relay(first, stream, attempt, record, envelope.include_usage)
-    return Served(arm, endpoint.version, attempt.request_id, table.window, stream=relayed)
+    return Served(arm, endpoint.version, attempt.request_id, table.window, unit, stream=relayed)
 
 
 def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:

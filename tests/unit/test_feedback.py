@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from serve_canary.feedback import Attribution, FeedbackRefused, RateLimit, ReplayGuard, issue, verify
 
 KEY = b"k" * 32
-ANSWER = Attribution("chatcmpl-1", "canary", "v2", "v1..v2/1/0", expires_at=100.0)
+ANSWER = Attribution("chatcmpl-1", "canary", "v2", "v1..v2/1/0", "00ab", expires_at=100.0)
 
 
 def test_a_genuine_token_vouches_for_who_served_the_request():
@@ -27,7 +27,7 @@ def test_a_token_is_refused_for_another_request_after_expiry_or_under_another_ke
 
 
 def test_changing_the_arm_in_a_token_breaks_its_signature():
-    forged_payload = issue(KEY, Attribution("chatcmpl-1", "stable", "v1", "v1..v2/1/0", 100.0)).split(".")[0]
+    forged_payload = issue(KEY, Attribution("chatcmpl-1", "stable", "v1", "v1..v2/1/0", "00ab", 100.0)).split(".")[0]
     signature = issue(KEY, ANSWER).split(".")[1]
     with pytest.raises(FeedbackRefused, match="not valid"):
         verify(KEY, f"{forged_payload}.{signature}", "chatcmpl-1", now=50.0)
@@ -41,13 +41,13 @@ def test_any_string_is_refused_cleanly(token):
 
 def test_each_request_is_rated_once_and_forgetting_never_allows_a_second_rating():
     guard = ReplayGuard(capacity=2)
-    answers = [Attribution(f"r{i}", "canary", "v2", "w", expires_at=100.0 + i) for i in range(3)]
+    answers = [Attribution(f"r{i}", "canary", "v2", "w", None, expires_at=100.0 + i) for i in range(3)]
     assert guard.admit(answers[0], now=0.0) and not guard.admit(answers[0], now=1.0)
     assert guard.admit(answers[1], now=1.0) and guard.admit(answers[2], now=2.0)  # r0 is forgotten
     assert not guard.admit(answers[0], now=3.0)  # …and still cannot be rated again
     restarted = ReplayGuard(capacity=2, horizon=150.0)
     assert not restarted.admit(answers[1], now=3.0)  # answered before the restart
-    assert restarted.admit(Attribution("new", "stable", "v1", "w", expires_at=151.0), now=3.0)
+    assert restarted.admit(Attribution("new", "stable", "v1", "w", None, expires_at=151.0), now=3.0)
 
 
 def test_the_rate_limit_allows_bursts_of_one_second_then_the_rate():

@@ -1,145 +1,248 @@
-"""The judge's edge cases: no data, a clean stable, equal arms, each metric's test and bound."""
+"""The judge: users as units, tolerances both ways, absolute limits that tell a shared incident
+from a regression, and the edge cases (no data, little data, sparse feedback)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from serve_canary.config import HealthConfig
-from serve_canary.judge import judge
-from serve_canary.metrics import ArmAggregate, RequestRecord
+from serve_canary.judge import LimitStats, UnitStats, judge
+from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 
 HEALTH = HealthConfig()
-ALPHA = 0.01 / 3
+ALPHA = 0.01
 
 
-def arm(
-    requests: int, errors: int = 0, latency_s: float = 0.5, ttft_s: float = 0.05, seed: int = 0, spread: float = 0.2
-) -> ArmAggregate:
+def traffic(
+    ledger: MetricsLedger,
+    arm: str,
+    requests: int,
+    errors: int = 0,
+    latency_s: float = 0.5,
+    ttft_s: float = 0.05,
+    users: int | None = None,
+    seed: int = 0,
+    spread: float = 0.2,
+) -> None:
+    """`requests` records for `arm`, the first `errors` of them failed; `users` keys them (None: keyless)."""
     rng = np.random.default_rng(seed)
-    aggregate = ArmAggregate()
-    for i in range(requests):
-        failed = i < errors
-        noise = float(rng.lognormal(0.0, spread))
-        aggregate.add(
+    noise = rng.lognormal(0.0, spread, requests)
+    ledger.add(
+        [
             RequestRecord(
-                f"r{i}",
+                f"{arm}{i}",
                 "w",
-                "stable",
+                None if users is None else f"{arm}-user{i % users}",
+                arm,
                 "v",
-                "error" if failed else "ok",
-                "before_first_token" if failed else None,
-                None if failed else ttft_s * noise,
-                0.01 * noise,
-                latency_s * noise,
+                "error" if i < errors else "ok",
+                "before_first_token" if i < errors else None,
+                None if i < errors else ttft_s * noise[i],
+                0.01 * noise[i],
+                latency_s * noise[i],
                 3,
-                0 if failed else 10,
+                0 if i < errors else 10,
             )
-        )
-    return aggregate
+            for i in range(requests)
+        ]
+    )
+
+
+def window(stable: dict, canary: dict) -> dict[str, ArmAggregate]:
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", seed=1, **stable)
+    traffic(ledger, "canary", seed=2, **canary)
+    return ledger.window("w")
+
+
+def verdict_on(arms: dict[str, ArmAggregate], weight: float, min_requests: int = 100, health=HEALTH, **kw):
+    return judge(arms["stable"], arms["canary"], health, min_requests, ALPHA, weight=weight, **kw)
+
+
+def check(verdict, metric: str):
+    return next(c for c in verdict.checks if c.metric == metric)
 
 
 def test_zero_requests_is_wait_never_pass():
-    verdict = judge(ArmAggregate(), ArmAggregate(), HEALTH, 1, ALPHA)
-    assert verdict.decision == "wait"
-    assert "canary 0/1" in verdict.reason
+    verdict = judge(ArmAggregate(), ArmAggregate(), HEALTH, 1, ALPHA, weight=0.05)
+    assert verdict.decision == "wait" and "canary 0/1" in verdict.reason
 
 
 def test_below_min_requests_is_wait_even_when_healthy():
-    verdict = judge(arm(3000, seed=1), arm(99, seed=2), HEALTH, 100, ALPHA)
+    verdict = verdict_on(window({"requests": 3000}, {"requests": 99}), weight=0.05)
     assert verdict.decision == "wait" and "canary 99/100" in verdict.reason
 
 
 def test_equal_arms_with_enough_data_pass_with_evidence():
-    # 400 errors in all: enough to bound canary/stable below 1.5 at 1 % error rates.
-    verdict = judge(arm(20_000, 200, seed=1), arm(20_000, 200, seed=2), HEALTH, 100, ALPHA)
+    arms = window({"requests": 20_000, "errors": 200}, {"requests": 20_000, "errors": 200})
+    verdict = verdict_on(arms, weight=0.5)
     assert verdict.decision == "pass", verdict.reason
     assert {c.metric for c in verdict.checks} == {
         "error_rate",
-        "ttft_p95_ms",
-        "e2e_p95_ms",
-        "itl_p95_ms",
         "hallucination_rate",
+        *(f"{latency}_{q}_ms" for latency in ("ttft", "e2e", "itl") for q in ("p95", "p99")),
+        "error_rate_limit",
+        "e2e_p95_limit",
+        "ttft_p95_limit",
     }
-    error = verdict.checks[0]
+    error = check(verdict, "error_rate")
+    assert isinstance(error.stats, UnitStats)
     assert error.stats.e_value < error.stats.e_threshold
     assert error.stats.not_worse_e_value >= error.stats.not_worse_threshold
 
 
 def test_equal_arms_with_little_data_wait_rather_than_pass():
-    verdict = judge(arm(150, 2, seed=1), arm(150, 2, seed=2), HEALTH, 100, ALPHA)
-    assert verdict.decision == "wait" and "not enough evidence" in verdict.reason
-
-
-def test_zero_errors_on_stable_and_one_on_canary_is_not_a_failure():
-    verdict = judge(arm(2000, 0, seed=1), arm(2000, 1, seed=2), HEALTH, 100, ALPHA)
-    assert verdict.decision != "fail", verdict.reason
-
-
-def test_no_errors_anywhere_passes_on_the_absolute_bound():
-    verdict = judge(arm(2000, 0, seed=1), arm(2000, 0, seed=2), HEALTH, 100, ALPHA)
-    error = verdict.checks[0]
-    assert error.decision == "pass" and "limit" in error.reason
-
-
-def test_too_few_clean_requests_wait_and_say_both_ways_to_pass():
-    verdict = judge(arm(2000, 0, seed=1), arm(100, 0, seed=2), HEALTH, 100, ALPHA)
-    error = verdict.checks[0]
-    upper = error.stats.canary_rate_bounds[1]
-    assert error.decision == "wait" and upper > HEALTH.max_error_rate
-    assert "canary/stable < 1.5" in error.reason and f"rate is ≤ 1.00% (upper bound {upper:.2%})" in error.reason
+    verdict = verdict_on(window({"requests": 150, "errors": 2}, {"requests": 150, "errors": 2}), weight=0.5)
+    assert verdict.decision == "wait" and "not yet shown within" in verdict.reason
 
 
 def test_many_more_canary_errors_fail_even_before_min_requests():
-    verdict = judge(arm(2000, 20, seed=1), arm(60, 12, seed=2), HEALTH, 100, ALPHA)
+    verdict = verdict_on(window({"requests": 2000, "errors": 20}, {"requests": 60, "errors": 12}), weight=0.03)
     assert verdict.decision == "fail" and verdict.failed_metrics == ["error_rate"]
     assert "e-value" in verdict.reason
 
 
+def test_one_user_whose_requests_all_fail_is_one_unit_not_a_regression():
+    # Per request this is 200 canary errors against 10 on stable; per user it is 1 against 10.
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 2000, errors=10, seed=1)
+    traffic(ledger, "canary", 200, users=1, errors=200, seed=2)
+    traffic(ledger, "canary", 200, seed=3)
+    verdict = verdict_on(ledger.window("w"), weight=0.17)
+    assert "error_rate" not in verdict.failed_metrics, verdict.reason
+
+
+def test_sticky_heterogeneous_users_keep_false_rollbacks_within_alpha():
+    """A/A with users whose error rates and request counts differ wildly: rollbacks stay ≤ α.
+
+    α = 0.3 here so that 300 trials can see a breach: the error test's share is 0.09.
+    """
+    rng = np.random.default_rng(7)
+    failures = 0
+    trials = 300
+    for _ in range(trials):
+        ledger = MetricsLedger()
+        users = 60
+        rates = rng.beta(0.3, 6.0, users)  # most users rarely fail, a few fail often
+        volume = rng.pareto(1.2, users) * 10 + 1
+        canary = rng.random(users) < 0.3
+        records = []
+        for user in range(users):
+            n = int(volume[user])
+            arm = "canary" if canary[user] else "stable"
+            for i, failed in enumerate(rng.random(n) < rates[user]):
+                outcome = "error" if failed else "ok"
+                timing = (0.05, 0.01, 0.5, 3, 5)
+                records.append(RequestRecord(f"{user}-{i}", "w", f"u{user}", arm, "v", outcome, None, *timing))
+        ledger.add(records)
+        arms = ledger.window("w")
+        verdict = judge(arms["stable"], arms["canary"], HEALTH, 1, 0.3, weight=0.3)
+        failures += "error_rate" in verdict.failed_metrics
+    assert failures / trials <= 0.09 + 3 * (0.09 * 0.91 / trials) ** 0.5
+
+
 def test_slower_first_token_fails_naming_ttft():
-    verdict = judge(arm(500, ttft_s=0.05, seed=1), arm(200, ttft_s=0.15, seed=2), HEALTH, 100, ALPHA)
+    verdict = verdict_on(window({"requests": 500, "ttft_s": 0.05}, {"requests": 200, "ttft_s": 0.15}), weight=0.3)
     assert verdict.decision == "fail" and "ttft_p95_ms" in verdict.failed_metrics
-    ttft = next(c for c in verdict.checks if c.metric == "ttft_p95_ms")
-    assert ttft.stats.canary_over_stable_p95 > 150 and ttft.canary > 2 * ttft.stable
+    ttft = check(verdict, "ttft_p95_ms")
+    assert ttft.stats.canary_flagged > 100 and ttft.canary > 2 * ttft.stable
 
 
-def test_absolute_latency_limit_fails_with_confidence_only():
+def test_latency_within_the_tolerance_is_not_a_rollback_and_is_shown_within_it():
+    arms = window({"requests": 4000, "latency_s": 0.5}, {"requests": 4000, "latency_s": 0.6})  # +20 %, 1.5× allowed
+    verdict = verdict_on(arms, weight=0.5)
+    e2e = check(verdict, "e2e_p95_ms")
+    assert e2e.decision == "pass", e2e.reason
+
+
+def test_a_p99_only_regression_fails_on_p99():
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 20_000, seed=1, spread=0.1)
+    traffic(ledger, "canary", 10_000, seed=2, spread=0.1)
+    traffic(ledger, "canary", 300, latency_s=2.5, seed=3, spread=0.1)  # 3 % of canary requests 5× slower
+    verdict = verdict_on(ledger.window("w"), weight=10_300 / 30_300)
+    assert "e2e_p99_ms" in verdict.failed_metrics, check(verdict, "e2e_p99_ms").reason
+
+
+def test_canary_alone_over_an_absolute_limit_fails():
+    slow = HealthConfig(max_latency_ms=600, max_latency_increase=2.0)
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 2000, latency_s=0.3, seed=1)
+    traffic(ledger, "canary", 2000, latency_s=0.55, seed=2)  # within the 2× tolerance, but over the SLO
+    verdict = verdict_on(ledger.window("w"), weight=0.5, health=slow)
+    assert "e2e_p95_limit" in verdict.failed_metrics and "limit with confidence" in verdict.reason
+
+
+def test_both_arms_over_an_absolute_limit_is_wait_with_an_alert_not_a_rollback():
     slow = HealthConfig(max_latency_ms=400)
-    verdict = judge(arm(500, latency_s=0.5, seed=1), arm(500, latency_s=0.5, seed=2), slow, 100, ALPHA)
-    assert "e2e_p95_ms" in verdict.failed_metrics and "limit with confidence" in verdict.reason
+    arms = window({"requests": 2000, "latency_s": 0.5}, {"requests": 2000, "latency_s": 0.5})
+    verdict = verdict_on(arms, weight=0.5, health=slow)
+    limit = check(verdict, "e2e_p95_limit")
+    assert verdict.decision == "wait" and limit.decision == "wait" and limit.alert
+    assert verdict.alerts == [limit.reason] and "both arms over the SLO" in limit.reason
+
+
+def test_two_latency_samples_bound_nothing():
+    slow = HealthConfig(max_latency_ms=100)
+    arms = window({"requests": 300, "latency_s": 0.05}, {"requests": 2, "latency_s": 0.5})
+    limit = check(verdict_on(arms, weight=0.01, health=slow), "e2e_p95_limit")
+    assert isinstance(limit.stats, LimitStats) and limit.stats.canary_bounds == (None, None)
+    assert limit.decision == "pass"
+
+
+def test_limits_spend_less_of_alpha_in_each_later_window():
+    arms = window({"requests": 500}, {"requests": 500})
+    alphas = [check(verdict_on(arms, weight=0.5, window_index=k), "error_rate_limit").stats.alpha for k in range(3)]
+    assert alphas == [ALPHA * 0.04 / 2, ALPHA * 0.04 / 4, ALPHA * 0.04 / 8]
 
 
 def test_hallucination_flags_can_fail_but_never_hold_back():
-    stable, canary = arm(3000, 0, seed=1), arm(3000, 0, seed=2)
-    assert judge(stable, canary, HEALTH, 100, ALPHA).decision == "pass"  # no feedback at all
-    for _ in range(200):
-        stable.add_feedback(None, False)
-        canary.add_feedback(None, True)
-    for _ in range(10):
-        stable.add_feedback(None, True)
-    verdict = judge(stable, canary, HEALTH, 100, ALPHA)
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 3000, seed=1)
+    traffic(ledger, "canary", 3000, seed=2)
+    assert verdict_on(ledger.window("w"), weight=0.5).decision == "pass"  # no feedback at all
+    for i in range(200):
+        ledger.add_feedback("w", "stable", f"s{i}", None, False)
+        ledger.add_feedback("w", "canary", f"c{i}", None, True)
+    for i in range(10):
+        ledger.add_feedback("w", "stable", f"t{i}", None, True)
+    verdict = verdict_on(ledger.window("w"), weight=0.5)
     assert verdict.failed_metrics == ["hallucination_rate"]
 
 
 def test_single_token_outputs_have_no_inter_token_latency_and_do_not_block():
-    stable, canary = arm(3000, seed=1), arm(3000, seed=2)
-    stable.itl_s.values.clear()
-    canary.itl_s.values.clear()
-    itl = next(c for c in judge(stable, canary, HEALTH, 100, ALPHA).checks if c.metric == "itl_p95_ms")
-    assert itl.decision == "pass"
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 3000, seed=1)
+    traffic(ledger, "canary", 3000, seed=2)
+    arms = ledger.window("w")
+    for aggregate in arms.values():
+        aggregate.itl_s.values.clear()
+        aggregate.itl_s.seen = 0
+    arms["stable"].units.thresholds.pop("itl_p95")
+    itl = check(verdict_on(arms, weight=0.5), "itl_p95_ms")
+    assert itl.decision == "wait" and "not fixed" in itl.reason
 
 
 def test_verdict_is_json_ready():
-    import json
-
-    verdict = judge(arm(300, 3, seed=1), arm(300, 3, seed=2), HEALTH, 100, ALPHA)
+    verdict = verdict_on(window({"requests": 300, "errors": 3}, {"requests": 300, "errors": 3}), weight=0.5)
     assert json.loads(json.dumps(verdict.to_dict()))["checks"][0]["metric"] == "error_rate"
 
 
 def test_a_closed_windows_evidence_carries_into_later_looks():
     # Neither window alone shows the canary's 4 % against stable's 1 %; both together do.
-    first = judge(arm(2000, 20, seed=1), arm(200, 8, seed=2), HEALTH, 100, ALPHA)
-    later = (arm(2000, 20, seed=3), arm(200, 8, seed=4))
-    assert first.decision != "fail" and judge(*later, HEALTH, 100, ALPHA).decision != "fail"
+    first = verdict_on(window({"requests": 2000, "errors": 20}, {"requests": 200, "errors": 8}), weight=200 / 2200)
+    later = window({"requests": 2000, "errors": 20}, {"requests": 200, "errors": 8})
+    assert first.decision != "fail" and verdict_on(later, weight=200 / 2200).decision != "fail"
     assert first.evidence["error_rate"] == (8, 20, 200 / 2200)
-    verdict = judge(*later, HEALTH, 100, ALPHA, earlier=[first.evidence])
+    verdict = verdict_on(later, weight=200 / 2200, earlier=[first.evidence, first.evidence])
     assert verdict.failed_metrics == ["error_rate"]
+
+
+def test_a_stable_incident_in_a_closed_window_costs_the_canarys_test_at_most_twice():
+    incident = {"error_rate": (2, 600, 0.1)}  # stable failed 600 users, the canary 2
+    later = window({"requests": 2000, "errors": 20}, {"requests": 200, "errors": 9})
+    alone = check(verdict_on(later, weight=200 / 2200), "error_rate").stats.e_value
+    after = check(verdict_on(later, weight=200 / 2200, earlier=[incident]), "error_rate").stats.e_value
+    assert alone / 2 <= after < alone

@@ -7,9 +7,17 @@ import numpy as np
 from serve_canary.metrics import MetricsLedger, RequestRecord, Reservoir, quantile
 
 
-def record(request_id: str, arm: str = "canary", window: str = "w1", outcome: str = "ok") -> RequestRecord:
+def record(
+    request_id: str,
+    arm: str = "canary",
+    window: str = "w1",
+    outcome: str = "ok",
+    unit: str | None = None,
+    e2e: float = 0.4,
+    ttft: float | None = 0.05,
+) -> RequestRecord:
     return RequestRecord(
-        request_id, window, arm, "v2" if arm == "canary" else "v1", outcome, None, 0.05, 0.01, 0.4, 5, 10
+        request_id, window, unit, arm, "v2" if arm == "canary" else "v1", outcome, None, ttft, 0.01, e2e, 5, 10
     )
 
 
@@ -37,18 +45,50 @@ def test_ledger_keeps_windows_and_arms_apart():
     assert ledger.window("w2")["canary"].requests == 1
 
 
-def test_cancelled_requests_are_not_judged():
+def test_a_cancelled_request_is_no_request_but_its_time_so_far_stays_in_the_tail():
     ledger = MetricsLedger()
-    ledger.add([record("a", outcome="cancelled")])
+    ledger.add([record("a", outcome="cancelled", e2e=9.0, ttft=None)])
     canary = ledger.window("w1")["canary"]
     assert (canary.requests, canary.cancelled) == (0, 1)
+    assert canary.e2e_s.values == [9.0] and canary.ttft_s.values == [9.0]  # no first token in 9 s: TTFT ≥ 9 s
+
+
+def test_a_failed_over_answer_is_not_a_stable_request():
+    ledger = MetricsLedger()
+    ledger.add([record("a", "canary", outcome="error"), record("a", "stable", outcome="failover")])
+    canary, stable = ledger.window("w1")["canary"], ledger.window("w1")["stable"]
+    assert (canary.requests, canary.errors) == (1, 1)
+    assert (stable.requests, stable.failovers, stable.units.units, stable.e2e_s.seen) == (0, 1, 0, 0)
+
+
+def test_units_are_users_and_keyless_requests_each_count_once():
+    ledger = MetricsLedger()
+    ledger.add([record(f"r{i}", outcome="error", unit="ada") for i in range(50)])
+    ledger.add([record("k1", outcome="error"), record("k2"), record("r", unit="bob")])
+    units = ledger.window("w1")["canary"].units
+    assert (units.units, units.errors) == (4, 2)  # ada, bob, two keyless requests; ada's 50 errors count once
+
+
+def test_latency_thresholds_are_fixed_once_from_stable_and_flag_units_after():
+    ledger = MetricsLedger()
+    ledger.add([record(f"s{i}", "stable", e2e=0.1 + i / 1000) for i in range(199)])
+    assert ledger.window("w1")["stable"].units.thresholds == {}
+    ledger.add([record("s199", "stable", e2e=0.299)])
+    thresholds = ledger.window("w1")["canary"].units.thresholds  # shared by both arms
+    assert abs(thresholds["e2e_p95"] - 0.28905) < 1e-9 and "e2e_p99" not in thresholds  # p99 needs 1,000
+    ledger.add([record(f"s{i}", "stable", e2e=5.0) for i in range(200, 1000)])  # fixed: not re-estimated
+    assert abs(thresholds["e2e_p95"] - 0.28905) < 1e-9 and thresholds["e2e_p99"] == 5.0
+    ledger.add([record("c1", e2e=0.45, unit="ada"), record("c2", e2e=0.3, unit="ada"), record("c3", e2e=0.1)])
+    canary = ledger.window("w1")["canary"].units
+    assert canary.over("e2e_p95", 1.0, "inner") == 1  # ada once, by her worst request
+    assert canary.over("e2e_p95", 1.5, "inner") == 1 and canary.over("e2e_p95", 1.6, "outer") == 0
 
 
 def test_feedback_counts_in_the_window_and_arm_that_served_the_request():
     ledger = MetricsLedger()
-    ledger.add_feedback("w1", "canary", rating=1.0, hallucination=True)  # before its record arrives
+    ledger.add_feedback("w1", "canary", None, rating=1.0, hallucination=True)  # before its record arrives
     ledger.add([record("a", "canary"), record("b", "stable")])
-    ledger.add_feedback("w1", "stable", rating=5.0, hallucination=False)
+    ledger.add_feedback("w1", "stable", None, rating=5.0, hallucination=False)
     canary, stable = ledger.window("w1")["canary"], ledger.window("w1")["stable"]
     assert (canary.requests, canary.ratings, canary.rating_sum, canary.hallucinations) == (1, 1, 1.0, 1)
     assert (stable.ratings, stable.rating_sum, stable.hallucinations, stable.hallucination_reports) == (1, 5.0, 0, 1)

@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve_canary import rollout
 from serve_canary.config import HealthConfig, PhaseConfig
-from serve_canary.judge import Verdict, judge
+from serve_canary.judge import UnitStats, Verdict, judge
 from serve_canary.metrics import ArmAggregate, RequestRecord
 from serve_canary.prometheus import TTFT_BUCKETS, PrometheusExporter
 from serve_canary.rollout import RolloutState
@@ -25,6 +25,7 @@ def record(arm: str, outcome: str = "ok", ttft: float = 0.05) -> RequestRecord:
     return RequestRecord(
         "r",
         "w",
+        None,
         arm,
         "v2" if arm == "canary" else "v1",
         outcome,
@@ -83,7 +84,7 @@ def test_requests_and_latencies_are_labelled_by_model_arm_version():
 def test_rollout_gauges_follow_the_status_and_rollbacks_count_once():
     exporter = PrometheusExporter("m")
     started = rollout.start("v1..v2", "v1", "v2", PHASES, 0.0)
-    verdict = judge(errors(400, 2), errors(100, 10), HealthConfig(), 100, 0.01)
+    verdict = judge(errors(400, 2), errors(100, 10), HealthConfig(), 100, 0.01, weight=0.2)
     exporter.rollout(status(started, verdict), started.events[-1])
     rolled_back = rollout.evaluate(started, verdict, PHASES, 1.0, auto_rollback=True)
     exporter.rollout(status(rolled_back), rolled_back.events[-1])
@@ -94,7 +95,7 @@ def test_rollout_gauges_follow_the_status_and_rollbacks_count_once():
     assert got[("serve_canary_rollout_status", (("model", "m"), ("status", "running")))] == 0.0
     assert got[("serve_canary_rollbacks_total", (("model", "m"), ("reason", "automatic")))] == 1.0
     error_check = next(check for check in verdict.checks if check.metric == "error_rate")
-    assert error_check.stats is not None and error_check.stats.e_value > 100
+    assert isinstance(error_check.stats, UnitStats) and error_check.stats.e_value > 100
     assert got[("serve_canary_judge_e_value", (("metric", "error_rate"), ("model", "m")))] == error_check.stats.e_value
 
 

@@ -115,7 +115,7 @@ async def test_canary_failure_before_first_token_fails_over_and_is_held_against_
     assert served.arm == "stable"
     assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
         ("canary", "error", "before_first_token"),
-        ("stable", "ok", None),
+        ("stable", "failover", None),  # the canary's error, not a stable request
     ]
 
 

@@ -1,0 +1,118 @@
+"""Outcomes per unit of randomisation: the user, not the request.
+
+The router assigns whole users (routing keys) to an arm, so one user's requests are not
+independent trials: a user whose requests all fail, or who always asks for long answers,
+would weigh as hundreds of trials and swing any per-request test. The judge therefore tests
+units. A unit is one routing key's requests within one metrics window, or a keyless request
+on its own (keyless requests are routed one by one). For each unit the tally keeps whether
+it saw an error or a hallucination flag, and its worst latency relative to the window's
+thresholds (stable's p95 and p99, fixed once, see `metrics.WindowAggregate`), as a bin of a
+1 % log grid, so "how many units went above 1.5× stable's p95" is a count, at any tolerance.
+
+Under "the canary is no different", which arm a unit is on is independent of what the unit
+does, so each unit that is flagged is the canary's with probability equal to the canary's
+weight, however many requests it sent: the conditional binomial of `sequential` applies to
+flagged units exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+LATENCIES = ("ttft", "e2e", "itl")
+QUANTILES = {"p95": 0.95, "p99": 0.99}
+THRESHOLD_KEYS = tuple(f"{latency}_{name}" for latency in LATENCIES for name in QUANTILES)
+MAX_KEYED_UNITS = 20_000  # per arm and window; keys beyond it are counted request by request
+RATIO_BINS = 700  # the grid's top bin holds every ratio above 1.01^700 (≈ 1,060×)
+_LOG_STEP = math.log(1.01)
+
+Side = Literal["inner", "outer"]
+
+
+def ratio_bin(ratio: float) -> int:
+    """The grid bin of a ratio above 1: bin k holds (1.01^k, 1.01^(k+1)]."""
+    return min(max(math.ceil(math.log(ratio) / _LOG_STEP) - 1, 0), RATIO_BINS)
+
+
+def first_bin_over(limit: float, side: Side) -> int:
+    """Counting the bins from this one counts units over `limit` (≥ 1): `inner` only units
+    surely over it, `outer` every unit over it and perhaps some within 1 % below it; a test
+    that must not overstate the canary counts its units `inner`, one that must not understate
+    them `outer`."""
+    position = math.log(limit) / _LOG_STEP
+    first = math.ceil(position - 1e-9) if side == "inner" else math.floor(position + 1e-9)
+    return min(max(first, 0), RATIO_BINS + (side == "inner"))
+
+
+@dataclass(slots=True)
+class UnitOutcome:
+    error: bool = False
+    hallucination: bool = False
+    worst: dict[str, int] = field(default_factory=dict)  # threshold key → bin of its worst ratio above 1
+
+
+@dataclass
+class UnitTally:
+    """One arm's units in one window; `thresholds` (key → seconds, shared by both arms' tallies)
+    are what the worst ratios are relative to."""
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    keyed: dict[str, UnitOutcome] = field(default_factory=dict)
+    keyless: int = 0
+    keyless_errors: int = 0
+    keyless_hallucinations: int = 0
+    keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
+
+    def _unit(self, unit: str | None) -> UnitOutcome | None:
+        if unit is None:
+            return None
+        outcome = self.keyed.get(unit)
+        if outcome is None and len(self.keyed) < MAX_KEYED_UNITS:
+            outcome = self.keyed[unit] = UnitOutcome()
+        return outcome
+
+    def add(self, unit: str | None, error: bool, ratios: dict[str, float]) -> None:
+        """One request of `unit` (None: keyless), with its latencies / thresholds."""
+        outcome = self._unit(unit)
+        bins = {key: ratio_bin(ratio) for key, ratio in ratios.items() if ratio > 1.0}
+        if outcome is None:
+            self.keyless += 1
+            self.keyless_errors += error
+            for key, index in bins.items():
+                self.keyless_worst.setdefault(key, Counter())[index] += 1
+            return
+        outcome.error |= error
+        for key, index in bins.items():
+            if index > outcome.worst.get(key, -1):
+                outcome.worst[key] = index
+
+    def add_hallucination(self, unit: str | None) -> None:
+        outcome = self._unit(unit)
+        if outcome is None:
+            self.keyless_hallucinations += 1
+        else:
+            outcome.hallucination = True
+
+    @property
+    def units(self) -> int:
+        return len(self.keyed) + self.keyless
+
+    @property
+    def errors(self) -> int:
+        """Units with at least one error."""
+        return sum(outcome.error for outcome in self.keyed.values()) + self.keyless_errors
+
+    @property
+    def hallucinations(self) -> int:
+        """Units with at least one answer flagged as a hallucination."""
+        return sum(outcome.hallucination for outcome in self.keyed.values()) + self.keyless_hallucinations
+
+    def over(self, key: str, limit: float, side: Side) -> int:
+        """Units whose worst `key` latency went above `limit` × the threshold."""
+        first = first_bin_over(limit, side)
+        keyed = sum(1 for outcome in self.keyed.values() if outcome.worst.get(key, -1) >= first)
+        keyless = sum(count for index, count in self.keyless_worst.get(key, Counter()).items() if index >= first)
+        return keyed + keyless
