@@ -4,15 +4,15 @@
   rate ≤ 1 % and latency ≤ 2000 ms, canary ≤ 1.5 × stable for both (the latency factor reused
   for errors), and no requests counted as healthy.
 - `FlaggerJudge`: Flagger-style: each interval, threshold checks on the canary's metrics over
-  that interval (success rate ≥ 99 %, p99 latency ≤ a fixed bound); a failed-check counter
-  rolls back at 5.
+  that interval (success rate ≥ 98 % by default, p99 latency ≤ a fixed bound); a failed-check
+  counter rolls back at 5.
 - `KayentaJudge`: Kayenta-style: a Mann-Whitney U test per metric on the window's samples,
-  a Hodges-Lehmann shift with its confidence interval, an effect-size gate, and a score; it
-  is a fixed-sample test, here repeated every interval as a live canary does.
+  a Hodges-Lehmann shift with its confidence interval, an effect-size gate, and a score. Run
+  the way Kayenta is used (`every_look=False`): one fixed-sample analysis per phase, when the
+  phase has run its minimum time, at a Bonferroni-corrected confidence over the phases; or,
+  as a live canary would misuse it, repeated at every look.
 
-Each judge is `decide(window_stable, window_canary, last_stable, last_canary, min_requests,
-earlier)` → "pass" | "wait" | "fail"; `last_*` hold only the latest interval, `earlier` the
-attempt's previous windows (only serve-canary's sequential tests use them).
+Each judge is `decide(look)` → "pass" | "wait" | "fail".
 """
 
 from __future__ import annotations
@@ -26,6 +26,23 @@ from scipy.stats import mannwhitneyu, norm
 from serve_canary.config import HealthConfig
 from serve_canary.judge import Verdict, WindowEvidence, judge
 from serve_canary.metrics import ArmAggregate
+
+
+@dataclass(frozen=True)
+class Look:
+    """What a judge sees at one evaluation."""
+
+    stable: ArmAggregate  # the current window
+    canary: ArmAggregate
+    last_stable: ArmAggregate  # the latest interval only
+    last_canary: ArmAggregate
+    min_requests: int
+    closed_windows: int  # windows of this attempt closed before this one
+    weight: float
+    window_seq: int
+    intervals_in_window: int
+    phase_min_intervals: int
+    phases: int  # partial phases in the plan (Kayenta's Bonferroni correction)
 
 
 class ServeCanaryJudge:
@@ -43,20 +60,21 @@ class ServeCanaryJudge:
         self._closed = 0
         self._last: Verdict | None = None
 
-    def decide(
-        self,
-        stable: ArmAggregate,
-        canary: ArmAggregate,
-        _ls: ArmAggregate,
-        _lc: ArmAggregate,
-        min_requests: int,
-        earlier: list,
-    ) -> str:
-        if len(earlier) > self._closed:  # the window of the last look has closed
-            self._closed = len(earlier)
+    def decide(self, look: Look) -> str:
+        if look.closed_windows > self._closed:  # the window of the last look has closed
+            self._closed = look.closed_windows
             if self._last is not None:
                 self._carried.append(self._last.evidence)
-        self._last = judge(stable, canary, self.health, min_requests, self.health.alpha, self._carried)
+        self._last = judge(
+            look.stable,
+            look.canary,
+            self.health,
+            look.min_requests,
+            self.health.alpha,
+            self._carried,
+            weight=look.weight,
+            window_index=look.window_seq,
+        )
         return self._last.decision
 
 
@@ -66,15 +84,8 @@ class SeedJudge:
     def reset(self) -> None:
         """Stateless."""
 
-    def decide(
-        self,
-        stable: ArmAggregate,
-        canary: ArmAggregate,
-        _ls: ArmAggregate,
-        _lc: ArmAggregate,
-        _min: int,
-        _earlier: list,
-    ) -> str:
+    def decide(self, look: Look) -> str:
+        stable, canary = look.stable, look.canary
         if canary.requests == 0:
             return "pass"  # as written: no traffic is healthy
         canary_err = canary.errors / canary.requests
@@ -93,26 +104,19 @@ class SeedJudge:
 class FlaggerJudge:
     name = "flagger"
 
-    def __init__(self, p99_limit_ms: float, threshold: int = 5) -> None:
-        self.p99_limit_ms, self.threshold, self.failed = p99_limit_ms, threshold, 0
+    def __init__(self, p99_limit_ms: float, min_success: float = 0.98, threshold: int = 5) -> None:
+        self.p99_limit_ms, self.min_success, self.threshold, self.failed = p99_limit_ms, min_success, threshold, 0
 
     def reset(self) -> None:
         self.failed = 0
 
-    def decide(
-        self,
-        _s: ArmAggregate,
-        _c: ArmAggregate,
-        _ls: ArmAggregate,
-        last_canary: ArmAggregate,
-        _min: int,
-        _earlier: list,
-    ) -> str:
+    def decide(self, look: Look) -> str:
+        last_canary = look.last_canary
         if last_canary.requests == 0:
             return "wait"
         success = 1.0 - last_canary.errors / last_canary.requests
         p99 = last_canary.e2e_s.quantile(0.99)
-        if success >= 0.99 and (p99 is None or p99 * 1000.0 <= self.p99_limit_ms):
+        if success >= self.min_success and (p99 is None or p99 * 1000.0 <= self.p99_limit_ms):
             return "pass"
         self.failed += 1
         return "fail" if self.failed >= self.threshold else "wait"
@@ -158,41 +162,46 @@ class KayentaJudge:
     name = "kayenta"
     CI_SAMPLE = 300  # the shift's CI from a uniform subsample: all pairwise differences cost O(n·m)
 
-    def __init__(self, confidence: float = 0.95, allowed_increase: float = 1.05, name: str = "kayenta") -> None:
-        self.confidence, self.allowed_increase, self.name = confidence, allowed_increase, name
+    def __init__(
+        self, confidence: float = 0.95, allowed_increase: float = 1.05, every_look: bool = False, name: str = "kayenta"
+    ) -> None:
+        self.confidence, self.allowed_increase, self.every_look, self.name = (
+            confidence,
+            allowed_increase,
+            every_look,
+            name,
+        )
 
     def reset(self) -> None:
         """Stateless."""
 
-    def _latency_high(self, stable: list[float], canary: list[float]) -> bool:
+    def _latency_high(self, stable: list[float], canary: list[float], confidence: float) -> bool:
         s, c = np.asarray(stable), np.asarray(canary)
         p_value = float(mannwhitneyu(c, s, alternative="two-sided").pvalue)
-        if p_value >= 1.0 - self.confidence:
+        if p_value >= 1.0 - confidence:
             return False
-        shift = hodges_lehmann(s[: self.CI_SAMPLE], c[: self.CI_SAMPLE], self.confidence)
+        shift = hodges_lehmann(s[: self.CI_SAMPLE], c[: self.CI_SAMPLE], confidence)
         significant = shift.low > 0.0
         return significant and float(np.mean(c)) > self.allowed_increase * float(np.mean(s))
 
-    def decide(
-        self,
-        stable: ArmAggregate,
-        canary: ArmAggregate,
-        _ls: ArmAggregate,
-        _lc: ArmAggregate,
-        min_requests: int,
-        _earlier: list,
-    ) -> str:
-        if min(stable.requests, canary.requests) < min_requests:
+    def decide(self, look: Look) -> str:
+        stable, canary = look.stable, look.canary
+        if min(stable.requests, canary.requests) < look.min_requests:
             return "wait"
+        confidence = self.confidence
+        if not self.every_look:
+            if look.intervals_in_window < look.phase_min_intervals:
+                return "wait"  # one analysis per phase, at its end
+            confidence = 1.0 - (1.0 - self.confidence) / look.phases
         stable_rate, canary_rate = stable.errors / stable.requests, canary.errors / canary.requests
         error_high = (
-            binary_mannwhitney_p(stable.errors, stable.requests, canary.errors, canary.requests) < 1.0 - self.confidence
+            binary_mannwhitney_p(stable.errors, stable.requests, canary.errors, canary.requests) < 1.0 - confidence
             and canary_rate > self.allowed_increase * stable_rate
         )
         high = [error_high]
         for metric in ("ttft_s", "e2e_s"):
             s, c = getattr(stable, metric).values, getattr(canary, metric).values
             if s and c:
-                high.append(self._latency_high(s, c))
+                high.append(self._latency_high(s, c, confidence))
         score = 100.0 * (1.0 - sum(high) / len(high))
         return "fail" if score < 75.0 else "pass"

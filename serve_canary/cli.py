@@ -103,6 +103,7 @@ def status_view(status: RolloutStatus) -> Group:
                 Text(check.decision, style=colours[check.decision]),
             )
         parts.append(table)
+        parts.extend(Text(f"ALERT: {alert}", style="bold magenta") for alert in verdict.alerts)
     events = Table(title="recent events", title_justify="left", expand=True)
     for column in ("at", "action", "to", "phase", "weight", "reason"):
         events.add_column(column)

@@ -14,16 +14,18 @@ different, however its requests cluster.
   more than the tolerance). Or when the canary is over an absolute limit with confidence while
   stable is within it; when stable is over the same limit too, the verdict is WAIT with an
   alert: a shared incident is not the canary's regression.
-- PASS needs evidence from the current window, not silence: `min_requests` on both arms and,
+- PASS needs evidence, not silence: `min_requests` on both arms and,
   for every metric that gates promotion, the dual test (canary shown within the tolerance:
   for errors, a unit error rate below `max_error_rate_increase` × stable's or a request error
   rate bounded below `max_error_rate`).
 - Otherwise WAIT, with the reason.
 
-The rollback tests run over the whole attempt: each closed window enters as its `Segment`
-(the last verdict's counts and weight), as a factor of its own, mixed half-and-half with 1 so
-a window in which stable alone had an incident costs the canary's test at most a factor of 2
-instead of certifying it. Promotion reads the current window only, for the same reason.
+Both tests run over the whole attempt: each closed window enters as its `Segment`s (the last
+verdict's counts and weight) as a factor of its own, which a ratio that changes from window
+to window cannot turn into evidence. A rollback factor is mixed half-and-half with 1, so a
+window in which stable alone had an incident costs the canary's test at most ×2; a promotion
+factor is capped at 1/√promotion_alpha, so no single window (such an incident again) can
+certify the canary on its own.
 Absolute limits spend their share of α over the attempt's windows (half, a quarter, ...).
 α, the attempt's false-rollback budget, is split across `METRICS` and `LIMITS` (Kayenta's
 metrics as data).
@@ -47,7 +49,10 @@ from serve_canary.sequential import (
 from serve_canary.units import LATENCIES, QUANTILES, UnitTally
 
 Decision = Literal["pass", "wait", "fail"]
-WindowEvidence = Mapping[str, Segment]  # metric name → the segment it contributes from one closed window
+# metric name → the segment it contributes from one closed window to the rollback test, and
+# metric name + PROMOTION to the promotion test
+WindowEvidence = Mapping[str, Segment]
+PROMOTION = "/promotion"
 NO_SEGMENT: Segment = (0, 0, 0.0)
 
 
@@ -116,13 +121,16 @@ class LimitSpec:
 
 
 def _rate_bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
-    return proportion_bounds(arm.errors, arm.requests, alpha) if arm.requests else (None, None)
+    if not arm.requests:
+        return None, None
+    worth = min(arm.units.effective_size(), arm.requests) / arm.requests  # users' requests are not independent
+    return proportion_bounds(arm.errors * worth, arm.requests * worth, alpha)
 
 
 def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | None, float | None]]:
     def bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
-        ordered = sorted(arm.latency_samples(latency).values)
-        margin = quantile_margin(len(ordered), 0.95, alpha)
+        ordered = arm.latency_samples(latency).ordered()
+        margin = quantile_margin(int(min(len(ordered), arm.units.effective_size())), 0.95, alpha)
         low, high = 0.95 - margin, 0.95 + margin  # beyond [0, 1]: too few samples to bound it
         return (
             sorted_quantile(ordered, low) * 1000.0 if ordered and low > 0.0 else None,
@@ -183,7 +191,8 @@ class MetricCheck:
     decision: Decision
     reason: str
     stats: UnitStats | LimitStats | None = None
-    segment: Segment = NO_SEGMENT  # this window's contribution to the sequential test
+    segment: Segment = NO_SEGMENT  # this window's contribution to the rollback test
+    promotion_segment: Segment = NO_SEGMENT  # and to the promotion test
     alert: bool = False  # both arms are over an absolute limit
 
 
@@ -210,15 +219,29 @@ class Verdict:
     @property
     def evidence(self) -> dict[str, Segment]:
         """What this window contributes to later looks once it is closed."""
-        return {check.metric: check.segment for check in self.checks if check.segment != NO_SEGMENT}
+        evidence = {check.metric: check.segment for check in self.checks if check.segment != NO_SEGMENT}
+        for check in self.checks:
+            if check.promotion_segment != NO_SEGMENT:
+                evidence[check.metric + PROMOTION] = check.promotion_segment
+        return evidence
 
 
-def attempt_e_value(earlier: Sequence[Segment], current: Segment, null_ratio: float = 1.0) -> float:
+def attempt_e_value(earlier: Sequence[Segment], current: Segment) -> float:
     """The rollback test's e-value over the attempt: each closed window's factor mixed with 1
     (a window can cost at most ×2), times the current window's."""
-    value = ratio_e_value([current], null_ratio)
+    value = ratio_e_value([current])
     for segment in earlier:
-        value *= (1.0 + ratio_e_value([segment], null_ratio)) / 2.0
+        value *= (1.0 + ratio_e_value([segment])) / 2.0
+    return value
+
+
+def promotion_e_value(earlier: Sequence[Segment], current: Segment, tolerance: float, cap: float) -> float:
+    """The promotion test's e-value: each closed window's factor capped at `cap` (so no single
+    window, e.g. one in which stable alone had an incident, can certify the canary), times the
+    current window's."""
+    value = not_worse_than_e_value([current], tolerance)
+    for segment in earlier:
+        value *= min(not_worse_than_e_value([segment], tolerance), cap)
     return value
 
 
@@ -227,6 +250,7 @@ def _compare(
     stable: ArmAggregate,
     canary: ArmAggregate,
     earlier: list[Segment],
+    earlier_promotion: list[Segment],
     health: HealthConfig,
     alpha: float,
     weight: float,
@@ -259,7 +283,7 @@ def _compare(
         decision: Decision = "wait" if spec.gates_promotion else "pass"
         return MetricCheck(spec.name, *shown, allowed, decision, "no users on one arm yet")
     e_value = attempt_e_value(earlier, rollback)
-    promotion_e = not_worse_than_e_value([promotion], tolerance)
+    promotion_e = promotion_e_value(earlier_promotion, promotion, tolerance, cap=promotion_alpha**-0.5)
     stats = UnitStats(
         e_value=e_value,
         e_threshold=1.0 / alpha,
@@ -274,7 +298,7 @@ def _compare(
     )
 
     def check(decision: Decision, reason: str) -> MetricCheck:
-        return MetricCheck(spec.name, *shown, allowed, decision, reason, stats, rollback)
+        return MetricCheck(spec.name, *shown, allowed, decision, reason, stats, rollback, promotion)
 
     counts = f"{what}: canary {rollback[0]}/{canary_units}, stable {rollback[1]}/{stable_units} at weight {weight:g}"
     if e_value >= 1.0 / alpha:
@@ -283,9 +307,9 @@ def _compare(
         return check("pass", f"no evidence of more {what}")
     if promotion_e >= 1.0 / promotion_alpha:
         return check("pass", f"canary shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g})")
-    if spec.name == "error_rate" and canary.requests:
-        _, rate_upper = proportion_bounds(canary.errors, canary.requests, promotion_alpha)
-        if rate_upper <= health.max_error_rate:
+    if spec.name == "error_rate":
+        _, rate_upper = _rate_bounds(canary, promotion_alpha)
+        if rate_upper is not None and rate_upper <= health.max_error_rate:
             return check("pass", f"canary error rate ≤ {rate_upper:.2%} (limit {health.max_error_rate:.2%})")
     return check(
         "wait",
@@ -339,8 +363,8 @@ def judge(
 ) -> Verdict:
     """Judge the current window, served at canary `weight`.
 
-    The rollback tests also count the `earlier` windows of the same attempt; promotion reads
-    this window only. `alpha`, the attempt's false-rollback budget, is split across `METRICS`
+    The tests also count the `earlier` windows of the same attempt (`attempt_e_value`,
+    `promotion_e_value`). `alpha`, the attempt's false-rollback budget, is split across `METRICS`
     and `LIMITS`; a limit spends 2^-(window_index + 1) of its share in this window.
     """
     compared = [
@@ -349,6 +373,7 @@ def judge(
             stable,
             canary,
             [window[spec.name] for window in earlier if spec.name in window],
+            [window[spec.name + PROMOTION] for window in earlier if spec.name + PROMOTION in window],
             health,
             alpha * spec.alpha_share,
             weight,

@@ -56,6 +56,13 @@ class Reservoir:
         self.seen = 0
         self.values: list[float] = []
         self._rng = random.Random(seed)
+        self._ordered: tuple[int, list[float]] = (0, [])
+
+    def ordered(self) -> list[float]:
+        """The values sorted (kept until the next value arrives: the judge reads them often)."""
+        if self._ordered[0] != self.seen or len(self._ordered[1]) != len(self.values):
+            self._ordered = (self.seen, sorted(self.values))
+        return self._ordered[1]
 
     def add(self, value: float) -> None:
         self.seen += 1
@@ -67,7 +74,8 @@ class Reservoir:
             self.values[slot] = value
 
     def quantile(self, q: float) -> float | None:
-        return quantile(self.values, q)
+        ordered = self.ordered()
+        return sorted_quantile(ordered, q) if ordered else None
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -152,7 +160,7 @@ class ArmAggregate:
         """The figures `status` shows, in milliseconds."""
 
         def percentiles_ms(reservoir: Reservoir) -> Percentiles:
-            ordered = sorted(reservoir.values)
+            ordered = reservoir.ordered()
 
             def at(q: float) -> float | None:
                 return round(sorted_quantile(ordered, q) * 1000.0, 3) if ordered else None
@@ -220,7 +228,7 @@ def fix_thresholds(arms: dict[Arm, ArmAggregate]) -> None:
         for name, level in QUANTILES.items():
             key = f"{latency}_{name}"
             if key not in thresholds and samples.seen >= threshold_samples(level):
-                thresholds[key] = sorted_quantile(sorted(samples.values), level)
+                thresholds[key] = sorted_quantile(samples.ordered(), level)
 
 
 class MetricsLedger:

@@ -73,10 +73,13 @@ def ratio_e_value(
 
 def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float) -> float:
     """E-value against "the canary's rate is at least `tolerance` × stable's"."""
-    return ratio_e_value(segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)), (0.25,) * 4)
+    # Most weight near 2/3 of the tolerance: where an unchanged canary sits at the default 1.5×.
+    return ratio_e_value(
+        segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)), (0.2, 0.5, 0.25, 0.05)
+    )
 
 
-def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:
+def _log_mixture_martingale(successes: float, trials: float, theta: float) -> float:
     """log of the Beta(1/2, 1/2)-mixture likelihood ratio against a rate `theta`."""
     failures = trials - successes
     log_null = (successes * math.log(theta) if successes else 0.0) + (
@@ -85,8 +88,9 @@ def _log_mixture_martingale(successes: int, trials: int, theta: float) -> float:
     return _log_beta(successes + 0.5, failures + 0.5) - _log_beta(0.5, 0.5) - log_null
 
 
-def proportion_bounds(successes: int, trials: int, alpha: float) -> tuple[float, float]:
-    """(lower, upper) confidence-sequence bounds on a rate, valid at every `trials` at once."""
+def proportion_bounds(successes: float, trials: float, alpha: float) -> tuple[float, float]:
+    """(lower, upper) confidence-sequence bounds on a rate, valid at every `trials` at once
+    (fractional counts: an effective sample size)."""
     if trials == 0:
         return 0.0, 1.0
     threshold = math.log(1.0 / alpha)

@@ -25,7 +25,7 @@ from typing import Literal
 LATENCIES = ("ttft", "e2e", "itl")
 QUANTILES = {"p95": 0.95, "p99": 0.99}
 THRESHOLD_KEYS = tuple(f"{latency}_{name}" for latency in LATENCIES for name in QUANTILES)
-MAX_KEYED_UNITS = 20_000  # per arm and window; keys beyond it are counted request by request
+MAX_KEYED_UNITS = 100_000  # per arm and window; keys beyond it are counted request by request
 RATIO_BINS = 700  # the grid's top bin holds every ratio above 1.01^700 (≈ 1,060×)
 _LOG_STEP = math.log(1.01)
 
@@ -49,6 +49,7 @@ def first_bin_over(limit: float, side: Side) -> int:
 
 @dataclass(slots=True)
 class UnitOutcome:
+    requests: int = 0
     error: bool = False
     hallucination: bool = False
     worst: dict[str, int] = field(default_factory=dict)  # threshold key → bin of its worst ratio above 1
@@ -65,6 +66,8 @@ class UnitTally:
     keyless_errors: int = 0
     keyless_hallucinations: int = 0
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
+    _changes: int = 0
+    _histograms: tuple[int, dict[str, Counter[int]]] = (-1, {})
 
     def _unit(self, unit: str | None) -> UnitOutcome | None:
         if unit is None:
@@ -76,6 +79,7 @@ class UnitTally:
 
     def add(self, unit: str | None, error: bool, ratios: dict[str, float]) -> None:
         """One request of `unit` (None: keyless), with its latencies / thresholds."""
+        self._changes += 1
         outcome = self._unit(unit)
         bins = {key: ratio_bin(ratio) for key, ratio in ratios.items() if ratio > 1.0}
         if outcome is None:
@@ -84,12 +88,14 @@ class UnitTally:
             for key, index in bins.items():
                 self.keyless_worst.setdefault(key, Counter())[index] += 1
             return
+        outcome.requests += 1
         outcome.error |= error
         for key, index in bins.items():
             if index > outcome.worst.get(key, -1):
                 outcome.worst[key] = index
 
     def add_hallucination(self, unit: str | None) -> None:
+        self._changes += 1
         outcome = self._unit(unit)
         if outcome is None:
             self.keyless_hallucinations += 1
@@ -99,6 +105,16 @@ class UnitTally:
     @property
     def units(self) -> int:
         return len(self.keyed) + self.keyless
+
+    def effective_size(self) -> float:
+        """How many independent requests the arm's requests are worth when each unit's
+        requests are alike: (Σ nᵢ)² / Σ nᵢ² over units of nᵢ requests (Kish's effective
+        sample size). Per-request confidence bounds use it in place of the request count."""
+        total, squares = self.keyless, self.keyless
+        for outcome in self.keyed.values():
+            total += outcome.requests
+            squares += outcome.requests * outcome.requests
+        return total * total / squares if squares else 0.0
 
     @property
     def errors(self) -> int:
@@ -113,6 +129,14 @@ class UnitTally:
     def over(self, key: str, limit: float, side: Side) -> int:
         """Units whose worst `key` latency went above `limit` × the threshold."""
         first = first_bin_over(limit, side)
-        keyed = sum(1 for outcome in self.keyed.values() if outcome.worst.get(key, -1) >= first)
-        keyless = sum(count for index, count in self.keyless_worst.get(key, Counter()).items() if index >= first)
-        return keyed + keyless
+        return sum(count for index, count in self._histogram(key).items() if index >= first)
+
+    def _histogram(self, key: str) -> Counter[int]:
+        """Units per bin of their worst `key` ratio (counted once per change: the judge asks often)."""
+        if self._histograms[0] != self._changes:
+            histograms = {name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS}
+            for outcome in self.keyed.values():
+                for name, index in outcome.worst.items():
+                    histograms[name][index] += 1
+            self._histograms = (self._changes, histograms)
+        return self._histograms[1][key]

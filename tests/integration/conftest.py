@@ -162,7 +162,7 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
     def _deploy(args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None) -> App:
         name = deploy_app(cluster, args, ingress_replicas, ingress_env)
         deployed.append(name)
-        return App(name, cluster["port"])
+        return App(name, cluster["port"], args["model_name"])
 
     yield _deploy
     for name in deployed:

@@ -246,3 +246,11 @@ def test_a_stable_incident_in_a_closed_window_costs_the_canarys_test_at_most_twi
     alone = check(verdict_on(later, weight=200 / 2200), "error_rate").stats.e_value
     after = check(verdict_on(later, weight=200 / 2200, earlier=[incident]), "error_rate").stats.e_value
     assert alone / 2 <= after < alone
+
+
+def test_a_stable_incident_in_a_closed_window_cannot_certify_a_worse_canary():
+    incident = {"error_rate": (2, 600, 0.1), "error_rate/promotion": (2, 600, 0.1)}
+    worse = window({"requests": 20_000, "errors": 200}, {"requests": 20_000, "errors": 400})
+    verdict = verdict_on(worse, weight=0.5, earlier=[incident, incident, incident])
+    error = check(verdict, "error_rate")
+    assert error.decision != "pass" and error.stats.not_worse_e_value < error.stats.not_worse_threshold
