@@ -42,6 +42,7 @@ PHASES = (
 HORIZON = 150  # intervals of 10 s; a rollout still undecided then counts as undecided
 BASE_ERROR = 0.01
 TTFT_MEDIAN_S, E2E_MEDIAN_S, ITL_MEDIAN_S, SIGMA = 0.2, 1.0, 0.02, 0.3
+TOKENS_MEDIAN, TOKENS_SIGMA = 200.0, 0.3  # output tokens per answer
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Scenario:
     canary_error: float = BASE_ERROR
     canary_latency: float = 1.0
     canary_slow_share: float = 0.0  # canary requests 5× slower (a p99-only regression)
+    canary_tokens: float = 1.0  # canary answers this much longer (a cost regression)
     e2e_median_s: float = E2E_MEDIAN_S
     bimodal: bool = False  # half the answers short (0.3×), half long (1.7×)
     tie_ms: float | None = None  # latencies rounded to this
@@ -85,6 +87,7 @@ SCENARIOS = (
     Scenario("errors 2×, after a stable burst", regression=True, canary_error=0.02, stable_burst=(4, 7)),
     Scenario("latency 2×", regression=True, canary_latency=2.0),
     Scenario("p99 only: 2 % of answers 5× slower", regression=True, canary_slow_share=0.02),
+    Scenario("+30 % output tokens, same latency", regression=True, canary_tokens=1.3),
 )
 
 
@@ -168,13 +171,18 @@ def _serve(
         "ttft": _latencies(rng, TTFT_MEDIAN_S, scale[ok], scenario, canary, SIGMA),
         "e2e": _latencies(rng, scenario.e2e_median_s, scale[ok], scenario, canary, SIGMA),
         "itl": _latencies(rng, ITL_MEDIAN_S, scale[ok], scenario, canary, 0.2),
+        "tokens": np.round(
+            TOKENS_MEDIAN
+            * (scenario.canary_tokens if canary else 1.0)
+            * np.exp(TOKENS_SIGMA * rng.standard_normal(ok.sum()))
+        ),
     }
     for aggregate in (arms[arm], last):
         aggregate.requests += n
         aggregate.errors += int(failed.sum())
         aggregate.error_kinds["before_first_token"] += int(failed.sum())
         for latency, values in latencies.items():
-            _reservoir_extend(aggregate.latency_samples(latency), values, rng)
+            _reservoir_extend(aggregate.samples(latency), values, rng)
     if arm == "stable":
         fix_thresholds(arms)
     tally = arms[arm].units

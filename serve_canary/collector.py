@@ -52,10 +52,14 @@ class MetricsCollector:
     def window(self, window: str) -> WindowSnapshot:
         return WindowSnapshot(self._incarnation, self._ledger.window(window))
 
-    def feedback(self, attribution: Attribution, rating: float | None, hallucination: bool | None) -> bool:
+    def feedback(
+        self, attribution: Attribution, rating: float | None, hallucination: bool | None, low_rating: bool
+    ) -> bool:
         """Count feedback on a request once; False (and nothing counted) if it was rated before."""
         if not self._rated.admit(attribution, time.time()):
             return False
-        self._ledger.add_feedback(attribution.window, attribution.arm, attribution.unit, rating, hallucination)
+        self._ledger.add_feedback(
+            attribution.window, attribution.arm, attribution.unit, rating, hallucination, low_rating
+        )
         self._exporter.feedback(attribution.arm, attribution.version, rating, hallucination)
         return True

@@ -144,6 +144,10 @@ class HealthConfig(_Schema):
     max_ttft_increase: float = Field(default=1.5, ge=1.0)
     max_itl_increase: float = Field(default=1.5, ge=1.0)
     max_hallucination_increase: float = Field(default=1.5, ge=1.0)
+    max_low_rating_increase: float = Field(default=1.5, ge=1.0, description="users rating in the lower half")
+    max_output_tokens_increase: float = Field(
+        default=1.2, ge=1.0, description="p95 and p99 output tokens per answer: the cost of an answer"
+    )
     alpha: float = Field(
         default=0.01,
         gt=0.0,
@@ -165,6 +169,10 @@ class FeedbackConfig(_Schema):
     rating_max: float = 5.0
     token_ttl_s: float = Field(default=3600.0, gt=0.0, description="how long after its answer a request can be rated")
     max_per_s: float = Field(default=50.0, gt=0.0, description="feedback posts per second per ingress replica")
+
+    def is_low(self, rating: float) -> bool:
+        """A rating in the lower half of the range: what the judge counts users by."""
+        return rating < (self.rating_min + self.rating_max) / 2.0
 
     @model_validator(mode="after")
     def _range(self) -> FeedbackConfig:

@@ -46,7 +46,7 @@ from serve_canary.sequential import (
     quantile_margin,
     ratio_e_value,
 )
-from serve_canary.units import LATENCIES, QUANTILES, UnitTally
+from serve_canary.units import MEASURES, QUANTILES, UnitTally
 
 Decision = Literal["pass", "wait", "fail"]
 # metric name → the segment it contributes from one closed window to the rollback test, and
@@ -60,14 +60,14 @@ NO_SEGMENT: Segment = (0, 0, 0.0)
 class MetricSpec:
     """One compared metric: which units it flags, its tolerance, its share of α.
 
-    A `rate` metric flags units (`flagged`); a `latency` metric reads the units' worst ratio to
-    stable's quantile (`threshold`, a `units.THRESHOLD_KEYS` key). `gates_promotion`: whether
+    A `rate` metric flags units (`flagged`); a `quantile` metric reads the units' worst ratio to
+    stable's quantile of a measure (`threshold`, a `units.THRESHOLD_KEYS` key). `gates_promotion`: whether
     promotion must wait for evidence on it (sparse, optional feedback can fail a canary but
     never hold one back).
     """
 
     name: str
-    kind: Literal["rate", "latency"]
+    kind: Literal["rate", "quantile"]
     alpha_share: float
     allowed_increase: Callable[[HealthConfig], float]
     flagged: Callable[[UnitTally], int] | None = None
@@ -75,34 +75,45 @@ class MetricSpec:
     gates_promotion: bool = True
 
 
-_LATENCY_TOLERANCE: dict[str, Callable[[HealthConfig], float]] = {
+_TOLERANCE: dict[str, Callable[[HealthConfig], float]] = {
     "ttft": lambda h: h.max_ttft_increase,
     "e2e": lambda h: h.max_latency_increase,
     "itl": lambda h: h.max_itl_increase,
+    "tokens": lambda h: h.max_output_tokens_increase,
 }
+_SHARE = {"ttft": 0.07, "e2e": 0.07, "itl": 0.07, "tokens": 0.05}  # per quantile
 
-# Errors matter most and are rarest: the largest share of α.
+# Errors matter most and are rarest: the largest share of α. Feedback is sparse and optional:
+# it can fail a canary but never holds one back.
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
-        "error_rate", "rate", 0.3, allowed_increase=lambda h: h.max_error_rate_increase, flagged=lambda u: u.errors
+        "error_rate", "rate", 0.26, allowed_increase=lambda h: h.max_error_rate_increase, flagged=lambda u: u.errors
     ),
     MetricSpec(
         "hallucination_rate",
         "rate",
-        0.1,
+        0.05,
         allowed_increase=lambda h: h.max_hallucination_increase,
         flagged=lambda u: u.hallucinations,
         gates_promotion=False,
     ),
+    MetricSpec(
+        "low_rating_rate",
+        "rate",
+        0.05,
+        allowed_increase=lambda h: h.max_low_rating_increase,
+        flagged=lambda u: u.low_ratings,
+        gates_promotion=False,
+    ),
     *(
         MetricSpec(
-            f"{latency}_{quantile}_ms",
-            "latency",
-            0.08,
-            allowed_increase=_LATENCY_TOLERANCE[latency],
-            threshold=f"{latency}_{quantile}",
+            f"{measure}_{quantile}" + ("" if measure == "tokens" else "_ms"),
+            "quantile",
+            _SHARE[measure],
+            allowed_increase=_TOLERANCE[measure],
+            threshold=f"{measure}_{quantile}",
         )
-        for latency in LATENCIES
+        for measure in MEASURES
         for quantile in QUANTILES
     ),
 )
@@ -129,7 +140,7 @@ def _rate_bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float |
 
 def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | None, float | None]]:
     def bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
-        ordered = arm.latency_samples(latency).ordered()
+        ordered = arm.samples(latency).ordered()
         margin = quantile_margin(int(min(len(ordered), arm.units.effective_size())), 0.95, alpha)
         low, high = 0.95 - margin, 0.95 + margin  # beyond [0, 1]: too few samples to bound it
         return (
@@ -142,7 +153,7 @@ def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | N
 
 def _p95_ms(latency: str) -> Callable[[ArmAggregate], float | None]:
     def estimate(arm: ArmAggregate) -> float | None:
-        value = arm.latency_samples(latency).quantile(0.95)
+        value = arm.samples(latency).quantile(0.95)
         return None if value is None else value * 1000.0
 
     return estimate
@@ -168,7 +179,7 @@ class UnitStats:
     stable_flagged: int
     canary_units: int
     stable_units: int
-    threshold_ms: float | None = None  # latency: stable's quantile, fixed for the window
+    threshold: float | None = None  # quantile metrics: stable's quantile (ms or tokens), fixed for the window
     kind: Literal["units"] = "units"
 
 
@@ -260,7 +271,7 @@ def _compare(
         assert spec.flagged is not None
         rollback = promotion = (spec.flagged(canary.units), spec.flagged(stable.units), weight)
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
-        threshold_ms, tolerance = None, allowed
+        shown_threshold_value, tolerance = None, allowed
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
     else:
         assert spec.threshold is not None
@@ -272,12 +283,13 @@ def _compare(
         stable_over = stable.units.over(spec.threshold, 1.0, "inner")
         rollback = (canary.units.over(spec.threshold, allowed, "inner"), stable_over, weight)
         promotion = (canary.units.over(spec.threshold, allowed, "outer"), stable_over, weight)
-        latency, quantile = spec.threshold.split("_")
-        level = QUANTILES[quantile]
-        samples = (stable.latency_samples(latency).quantile(level), canary.latency_samples(latency).quantile(level))
-        shown = tuple(None if v is None else v * 1000.0 for v in samples)  # type: ignore[assignment]
-        threshold_ms, tolerance = threshold * 1000.0, 1.0
-        what = f"users above {allowed:g}× stable's {quantile} ({threshold * 1000.0:.1f} ms; stable: above 1×)"
+        measure, quantile = spec.threshold.split("_")
+        level, scale = QUANTILES[quantile], 1.0 if measure == "tokens" else 1000.0
+        samples = (stable.samples(measure).quantile(level), canary.samples(measure).quantile(level))
+        shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]
+        shown_threshold_value, tolerance = threshold * scale, 1.0
+        shown_threshold = f"{threshold:.0f} tokens" if measure == "tokens" else f"{threshold * scale:.1f} ms"
+        what = f"users above {allowed:g}× stable's {quantile} ({shown_threshold}; stable: above 1×)"
     canary_units, stable_units = canary.units.units, stable.units.units
     if canary_units == 0 or stable_units == 0:
         decision: Decision = "wait" if spec.gates_promotion else "pass"
@@ -294,7 +306,7 @@ def _compare(
         stable_flagged=rollback[1],
         canary_units=canary_units,
         stable_units=stable_units,
-        threshold_ms=threshold_ms,
+        threshold=shown_threshold_value,
     )
 
     def check(decision: Decision, reason: str) -> MetricCheck:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 from pydantic import BaseModel
 
 from serve_canary.routing import ARMS, Arm
-from serve_canary.units import LATENCIES, QUANTILES, UnitTally
+from serve_canary.units import MEASURES, QUANTILES, UnitTally
 
 RESERVOIR_SIZE = 4096
 WINDOW_CAPACITY = 4
@@ -105,14 +105,16 @@ class ArmAggregate:
     ttft_s: Reservoir = field(default_factory=Reservoir)
     itl_s: Reservoir = field(default_factory=Reservoir)
     e2e_s: Reservoir = field(default_factory=Reservoir)
+    tokens: Reservoir = field(default_factory=Reservoir)  # output tokens per answer
     ratings: int = 0
     rating_sum: float = 0.0
     hallucinations: int = 0
     hallucination_reports: int = 0
     units: UnitTally = field(default_factory=UnitTally)
 
-    def latency_samples(self, latency: str) -> Reservoir:
-        return {"ttft": self.ttft_s, "e2e": self.e2e_s, "itl": self.itl_s}[latency]
+    def samples(self, measure: str) -> Reservoir:
+        """The reservoir of a `units.MEASURES` measure."""
+        return {"ttft": self.ttft_s, "e2e": self.e2e_s, "itl": self.itl_s, "tokens": self.tokens}[measure]
 
     def add(self, record: RequestRecord) -> None:
         if record.outcome == "rejected":
@@ -121,10 +123,15 @@ class ArmAggregate:
         if record.outcome == "failover":
             self.failovers += 1
             return
-        latencies: dict[str, float | None] = {"e2e": record.e2e_s, "ttft": record.ttft_s, "itl": record.itl_s}
+        latencies: dict[str, float | None] = {
+            "e2e": record.e2e_s,
+            "ttft": record.ttft_s,
+            "itl": record.itl_s,
+            "tokens": float(record.output_tokens),
+        }
         if record.outcome == "cancelled":
             self.cancelled += 1
-            latencies = {"e2e": record.e2e_s, "ttft": record.ttft_s or record.e2e_s, "itl": None}
+            latencies = {"e2e": record.e2e_s, "ttft": record.ttft_s or record.e2e_s}
         else:
             self.requests += 1
             self.output_tokens += record.output_tokens
@@ -134,7 +141,7 @@ class ArmAggregate:
             latencies = {}
         for latency, value in latencies.items():
             if value is not None:
-                self.latency_samples(latency).add(value)
+                self.samples(latency).add(value)
         ratios = {
             key: value / max(threshold, 1e-9)
             for key, threshold in self.units.thresholds.items()
@@ -142,28 +149,31 @@ class ArmAggregate:
         }
         self.units.add(record.unit, record.outcome == "error", ratios)
 
-    def add_feedback(self, unit: str | None, rating: float | None, hallucination: bool | None) -> None:
+    def add_feedback(
+        self, unit: str | None, rating: float | None, hallucination: bool | None, low_rating: bool = False
+    ) -> None:
+        """One answer's feedback; `low_rating`: the rating is in the lower half of the range."""
         if rating is not None:
             self.ratings += 1
             self.rating_sum += rating
         if hallucination is not None:
             self.hallucination_reports += 1
             self.hallucinations += int(hallucination)
-            if hallucination:
-                self.units.add_hallucination(unit)
+        if hallucination or low_rating:
+            self.units.add_feedback(unit, bool(hallucination), low_rating)
 
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
     def summary(self) -> ArmSummary:
-        """The figures `status` shows, in milliseconds."""
+        """The figures `status` shows, latencies in milliseconds."""
 
-        def percentiles_ms(reservoir: Reservoir) -> Percentiles:
+        def percentiles_ms(reservoir: Reservoir, scale: float = 1000.0) -> Percentiles:
             ordered = reservoir.ordered()
 
             def at(q: float) -> float | None:
-                return round(sorted_quantile(ordered, q) * 1000.0, 3) if ordered else None
+                return round(sorted_quantile(ordered, q) * scale, 3) if ordered else None
 
             return Percentiles(p50=at(0.5), p95=at(0.95), p99=at(0.99))
 
@@ -175,6 +185,7 @@ class ArmAggregate:
             ttft_ms=percentiles_ms(self.ttft_s),
             itl_ms=percentiles_ms(self.itl_s),
             e2e_ms=percentiles_ms(self.e2e_s),
+            tokens_per_answer=percentiles_ms(self.tokens, scale=1.0),
             output_tokens=self.output_tokens,
             mean_rating=self.rating_sum / self.ratings if self.ratings else None,
             hallucinations=self.hallucinations,
@@ -197,13 +208,14 @@ class ArmSummary(BaseModel):
     ttft_ms: Percentiles
     itl_ms: Percentiles
     e2e_ms: Percentiles
+    tokens_per_answer: Percentiles
     output_tokens: int
     mean_rating: float | None
     hallucinations: int
 
 
 def new_window() -> dict[Arm, ArmAggregate]:
-    """Both arms' aggregates for a new window, sharing its (not yet fixed) latency thresholds."""
+    """Both arms' aggregates for a new window, sharing its (not yet fixed) thresholds."""
     thresholds: dict[str, float] = {}
     return {arm: ArmAggregate(units=UnitTally(thresholds=thresholds)) for arm in ARMS}
 
@@ -214,19 +226,19 @@ def threshold_samples(level: float) -> int:
 
 
 def fix_thresholds(arms: dict[Arm, ArmAggregate]) -> None:
-    """Fix each latency threshold (stable's quantile) once stable has `threshold_samples` of it.
+    """Fix each threshold (stable's quantile of a measure) once stable has `threshold_samples` of it.
 
     Fixed once, not re-estimated at every look: the units' flags are then events against a
     constant, which is what keeps the judge's sequential tests valid. Requests before that
     are not flagged against it on either arm.
     """
     stable, thresholds = arms["stable"], arms["stable"].units.thresholds
-    if len(thresholds) == len(LATENCIES) * len(QUANTILES):
+    if len(thresholds) == len(MEASURES) * len(QUANTILES):
         return
-    for latency in LATENCIES:
-        samples = stable.latency_samples(latency)
+    for measure in MEASURES:
+        samples = stable.samples(measure)
         for name, level in QUANTILES.items():
-            key = f"{latency}_{name}"
+            key = f"{measure}_{name}"
             if key not in thresholds and samples.seen >= threshold_samples(level):
                 thresholds[key] = sorted_quantile(samples.ordered(), level)
 
@@ -267,7 +279,13 @@ class MetricsLedger:
                 fix_thresholds(arms)
 
     def add_feedback(
-        self, window: str, arm: Arm, unit: str | None, rating: float | None, hallucination: bool | None
+        self,
+        window: str,
+        arm: Arm,
+        unit: str | None,
+        rating: float | None,
+        hallucination: bool | None,
+        low_rating: bool = False,
     ) -> None:
         """Count feedback in the window that served the request (also before its record arrives)."""
-        self._writable(window)[arm].add_feedback(unit, rating, hallucination)
+        self._writable(window)[arm].add_feedback(unit, rating, hallucination, low_rating)

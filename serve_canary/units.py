@@ -5,9 +5,10 @@ independent trials: a user whose requests all fail, or who always asks for long 
 would weigh as hundreds of trials and swing any per-request test. The judge therefore tests
 units. A unit is one routing key's requests within one metrics window, or a keyless request
 on its own (keyless requests are routed one by one). For each unit the tally keeps whether
-it saw an error or a hallucination flag, and its worst latency relative to the window's
-thresholds (stable's p95 and p99, fixed once, see `metrics.WindowAggregate`), as a bin of a
-1 % log grid, so "how many units went above 1.5× stable's p95" is a count, at any tolerance.
+it saw an error, a hallucination flag or a low rating, and its worst latency and longest
+answer (output tokens: the cost) relative to the window's thresholds (stable's p95 and p99,
+fixed once, see `metrics.fix_thresholds`), as a bin of a 1 % log grid, so "how many units
+went above 1.5× stable's p95" is a count, at any tolerance.
 
 Under "the canary is no different", which arm a unit is on is independent of what the unit
 does, so each unit that is flagged is the canary's with probability equal to the canary's
@@ -22,9 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-LATENCIES = ("ttft", "e2e", "itl")
+MEASURES = ("ttft", "e2e", "itl", "tokens")  # three latencies (seconds) and output tokens per answer
 QUANTILES = {"p95": 0.95, "p99": 0.99}
-THRESHOLD_KEYS = tuple(f"{latency}_{name}" for latency in LATENCIES for name in QUANTILES)
+THRESHOLD_KEYS = tuple(f"{measure}_{name}" for measure in MEASURES for name in QUANTILES)
 MAX_KEYED_UNITS = 100_000  # per arm and window; keys beyond it are counted request by request
 RATIO_BINS = 700  # the grid's top bin holds every ratio above 1.01^700 (≈ 1,060×)
 _LOG_STEP = math.log(1.01)
@@ -52,6 +53,7 @@ class UnitOutcome:
     requests: int = 0
     error: bool = False
     hallucination: bool = False
+    low_rating: bool = False
     worst: dict[str, int] = field(default_factory=dict)  # threshold key → bin of its worst ratio above 1
 
 
@@ -65,6 +67,7 @@ class UnitTally:
     keyless: int = 0
     keyless_errors: int = 0
     keyless_hallucinations: int = 0
+    keyless_low_ratings: int = 0
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
     _changes: int = 0
     _histograms: tuple[int, dict[str, Counter[int]]] = (-1, {})
@@ -94,13 +97,15 @@ class UnitTally:
             if index > outcome.worst.get(key, -1):
                 outcome.worst[key] = index
 
-    def add_hallucination(self, unit: str | None) -> None:
+    def add_feedback(self, unit: str | None, hallucination: bool, low_rating: bool) -> None:
         self._changes += 1
         outcome = self._unit(unit)
         if outcome is None:
-            self.keyless_hallucinations += 1
+            self.keyless_hallucinations += hallucination
+            self.keyless_low_ratings += low_rating
         else:
-            outcome.hallucination = True
+            outcome.hallucination |= hallucination
+            outcome.low_rating |= low_rating
 
     @property
     def units(self) -> int:
@@ -126,8 +131,13 @@ class UnitTally:
         """Units with at least one answer flagged as a hallucination."""
         return sum(outcome.hallucination for outcome in self.keyed.values()) + self.keyless_hallucinations
 
+    @property
+    def low_ratings(self) -> int:
+        """Units that gave at least one rating in the lower half of the range."""
+        return sum(outcome.low_rating for outcome in self.keyed.values()) + self.keyless_low_ratings
+
     def over(self, key: str, limit: float, side: Side) -> int:
-        """Units whose worst `key` latency went above `limit` × the threshold."""
+        """Units whose worst `key` measure went above `limit` × the threshold."""
         first = first_bin_over(limit, side)
         return sum(count for index, count in self._histogram(key).items() if index >= first)
 

@@ -25,8 +25,10 @@ def traffic(
     users: int | None = None,
     seed: int = 0,
     spread: float = 0.2,
+    tokens: int = 100,
 ) -> None:
-    """`requests` records for `arm`, the first `errors` of them failed; `users` keys them (None: keyless)."""
+    """`requests` records for `arm`, the first `errors` of them failed; `users` keys them (None: keyless);
+    answers of ~`tokens` output tokens."""
     rng = np.random.default_rng(seed)
     noise = rng.lognormal(0.0, spread, requests)
     ledger.add(
@@ -43,7 +45,7 @@ def traffic(
                 0.01 * noise[i],
                 latency_s * noise[i],
                 3,
-                0 if i < errors else 10,
+                0 if i < errors else round(tokens * noise[i]),
             )
             for i in range(requests)
         ]
@@ -83,6 +85,9 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
         "error_rate",
         "hallucination_rate",
         *(f"{latency}_{q}_ms" for latency in ("ttft", "e2e", "itl") for q in ("p95", "p99")),
+        "tokens_p95",
+        "tokens_p99",
+        "low_rating_rate",
         "error_rate_limit",
         "e2e_p95_limit",
         "ttft_p95_limit",
@@ -198,18 +203,33 @@ def test_limits_spend_less_of_alpha_in_each_later_window():
     assert alphas == [ALPHA * 0.04 / 2, ALPHA * 0.04 / 4, ALPHA * 0.04 / 8]
 
 
-def test_hallucination_flags_can_fail_but_never_hold_back():
+def test_hallucination_flags_and_low_ratings_can_fail_but_never_hold_back():
     ledger = MetricsLedger()
     traffic(ledger, "stable", 3000, seed=1)
     traffic(ledger, "canary", 3000, seed=2)
     assert verdict_on(ledger.window("w"), weight=0.5).decision == "pass"  # no feedback at all
     for i in range(200):
-        ledger.add_feedback("w", "stable", f"s{i}", None, False)
-        ledger.add_feedback("w", "canary", f"c{i}", None, True)
+        ledger.add_feedback("w", "stable", f"s{i}", 5.0, False)
+        ledger.add_feedback("w", "canary", f"c{i}", 1.0, True, low_rating=True)
     for i in range(10):
-        ledger.add_feedback("w", "stable", f"t{i}", None, True)
+        ledger.add_feedback("w", "stable", f"t{i}", 2.0, True, low_rating=True)
     verdict = verdict_on(ledger.window("w"), weight=0.5)
-    assert verdict.failed_metrics == ["hallucination_rate"]
+    assert verdict.failed_metrics == ["hallucination_rate", "low_rating_rate"]
+
+
+def test_longer_answers_are_a_cost_regression():
+    ledger = MetricsLedger()
+    traffic(ledger, "stable", 4000, seed=1, tokens=200)
+    traffic(ledger, "canary", 4000, seed=2, tokens=260)  # +30 % output tokens, same latency
+    verdict = verdict_on(ledger.window("w"), weight=0.5)
+    assert {"tokens_p95", "tokens_p99"} & set(verdict.failed_metrics), check(verdict, "tokens_p95").reason
+    assert not {m for m in verdict.failed_metrics if m.endswith("_ms")}
+
+
+def test_every_path_that_can_roll_back_spends_from_one_alpha():
+    from serve_canary.judge import LIMITS, METRICS
+
+    assert abs(sum(spec.alpha_share for spec in (*METRICS, *LIMITS)) - 1.0) < 1e-9
 
 
 def test_single_token_outputs_have_no_inter_token_latency_and_do_not_block():
