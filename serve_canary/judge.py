@@ -84,7 +84,8 @@ _TOLERANCE: dict[str, Callable[[HealthConfig], float]] = {
 _SHARE = {"ttft": 0.07, "e2e": 0.07, "itl": 0.07, "tokens": 0.05}  # per quantile
 
 # Errors matter most and are rarest: the largest share of α. Feedback is sparse and optional:
-# it can fail a canary but never holds one back.
+# it can fail a canary but never holds one back. So can p99: showing a p99 within its tolerance
+# takes several hundred canary users per phase, the p95 a fifth of that.
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "error_rate", "rate", 0.26, allowed_increase=lambda h: h.max_error_rate_increase, flagged=lambda u: u.errors
@@ -112,6 +113,7 @@ METRICS: tuple[MetricSpec, ...] = (
             _SHARE[measure],
             allowed_increase=_TOLERANCE[measure],
             threshold=f"{measure}_{quantile}",
+            gates_promotion=quantile == "p95",
         )
         for measure in MEASURES
         for quantile in QUANTILES
@@ -267,6 +269,7 @@ def _compare(
     weight: float,
 ) -> MetricCheck:
     allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
+    unproven: Decision = "wait" if spec.gates_promotion else "pass"  # no evidence yet, either way
     if spec.kind == "rate":
         assert spec.flagged is not None
         rollback = promotion = (spec.flagged(canary.units), spec.flagged(stable.units), weight)
@@ -277,9 +280,11 @@ def _compare(
         assert spec.threshold is not None
         threshold = stable.units.thresholds.get(spec.threshold)
         if threshold is None:
-            return MetricCheck(
-                spec.name, None, None, allowed, "wait", "stable's quantile is not fixed yet (too few samples)"
-            )
+            measure = spec.threshold.split("_")[0]
+            if not canary.samples(measure).seen:
+                return MetricCheck(spec.name, None, None, allowed, "pass", "no canary samples: nothing to compare")
+            reason = "stable's quantile is not fixed yet (too few samples)"
+            return MetricCheck(spec.name, None, None, allowed, unproven, reason)
         stable_over = stable.units.over(spec.threshold, 1.0, "inner")
         rollback = (canary.units.over(spec.threshold, allowed, "inner"), stable_over, weight)
         promotion = (canary.units.over(spec.threshold, allowed, "outer"), stable_over, weight)
@@ -292,8 +297,7 @@ def _compare(
         what = f"users above {allowed:g}× stable's {quantile} ({shown_threshold}; stable: above 1×)"
     canary_units, stable_units = canary.units.units, stable.units.units
     if canary_units == 0 or stable_units == 0:
-        decision: Decision = "wait" if spec.gates_promotion else "pass"
-        return MetricCheck(spec.name, *shown, allowed, decision, "no users on one arm yet")
+        return MetricCheck(spec.name, *shown, allowed, unproven, "no users on one arm yet")
     e_value = attempt_e_value(earlier, rollback)
     promotion_e = promotion_e_value(earlier_promotion, promotion, tolerance, cap=promotion_alpha**-0.5)
     stats = UnitStats(
@@ -323,6 +327,16 @@ def _compare(
         _, rate_upper = _rate_bounds(canary, promotion_alpha)
         if rate_upper is not None and rate_upper <= health.max_error_rate:
             return check("pass", f"canary error rate ≤ {rate_upper:.2%} (limit {health.max_error_rate:.2%})")
+    if spec.kind == "quantile":
+        # Without spread on stable (every answer equally long: no unit is above stable's own
+        # quantile) the comparison has no events; the quantile itself can still be shown.
+        _, share_upper = proportion_bounds(promotion[0], canary_units, promotion_alpha)
+        if share_upper <= 1.0 - level:
+            return check(
+                "pass",
+                f"at most {share_upper:.1%} of canary users above {allowed:g}× stable's {quantile} "
+                f"(≤ {1.0 - level:.0%}; {counts})",
+            )
     return check(
         "wait",
         f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g})",

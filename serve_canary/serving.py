@@ -112,8 +112,8 @@ class _Attempt:
         if self.failed_over and outcome != "rejected":
             outcome, error_kind = "failover", None
         ttft = None if self.first_at is None else self.first_at - self.started
-        itl = None
-        if self.first_at is not None and output_tokens > 1:
+        itl = None  # unobservable in one piece: a unary answer, or a stream that came in one batch
+        if self.first_at is not None and output_tokens > 1 and self.last_at > self.first_at:
             itl = (self.last_at - self.first_at) / (output_tokens - 1)
         return RequestRecord(
             self.request_id,

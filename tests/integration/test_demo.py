@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import background_traffic
+
+from .conftest import background_traffic
 
 DEMO_CONFIG = Path(__file__).parents[2] / "configs" / "local.yaml"
 CLIENTS = 32
