@@ -87,6 +87,8 @@ def status_view(status: RolloutStatus) -> Group:
     parts: list[Any] = [header, phases, facts]
     if status.waiting_for:
         parts.append(Text(f"waiting for: {status.waiting_for}", style="yellow"))
+    if status.capacity:
+        parts.append(Text(f"capacity: {status.capacity}", style="bold magenta"))
     verdict = status.last_verdict
     if verdict:
         table = Table(title=f"verdict {verdict.decision.upper()}: {verdict.reason}", title_justify="left", expand=True)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import ray
 from pydantic import ValidationError
+from ray import serve
 from ray.actor import ActorHandle
 from ray.exceptions import RayTaskError
 
@@ -27,7 +28,7 @@ from serve_canary.feedback import KEY_BYTES
 from serve_canary.judge import Verdict, judge
 from serve_canary.metrics import ArmSummary
 from serve_canary.rollout import Event, RolloutState, TransitionError
-from serve_canary.routing import Arm, RoutingTable
+from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import failure_message
 from serve_canary.status import RolloutStatus, describe
 from serve_canary.store import StateUnreadable, open_store
@@ -84,6 +85,7 @@ class RolloutController:
         self._last_verdict: Verdict | None = None
         self._last_window: dict[Arm, ArmSummary] | None = None
         self._evaluated_at: float | None = None
+        self._replicas: dict[Arm, int] = {}
         self._judged_by: str | None = None  # the collector incarnation the last verdict read
         if self._load():
             await self.configure(self._config.model_dump(mode="json"))
@@ -188,9 +190,24 @@ class RolloutController:
         assert self._state is not None, "configure() runs before any other call"
         return self._state
 
+    async def _count_replicas(self) -> None:
+        """Running replicas per arm, as Serve reports them (for the capacity finding)."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[self._app_name].deployments
+            self._replicas = {
+                arm: sum(n for state, n in deployments[arm].replica_states.items() if state == "RUNNING")
+                for arm in ARMS
+                if arm in deployments
+            }
+        except Exception as exc:  # Serve busy or restarting: no finding this interval
+            logger.info("could not count replicas: %s", failure_message(exc))
+            self._replicas = {}
+
     async def evaluate(self) -> RolloutStatus:
         """Judge the current window (with the evidence of the attempt's closed ones) and apply
         the verdict."""
+        await self._count_replicas()
         state = self._current
         if state.status == "state_error":
             async with self._transition:
@@ -287,6 +304,7 @@ class RolloutController:
             self._last_window,
             self._evaluated_at,
             time.time(),
+            self._replicas,
         )
 
 

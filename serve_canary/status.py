@@ -7,6 +7,9 @@ tests all read these fields; JSON is `model_dump(mode="json")`, and it parses ba
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict
 
 from serve_canary.config import PhaseConfig
@@ -16,6 +19,7 @@ from serve_canary.rollout import Event, RolloutState, Status, waiting_for
 from serve_canary.routing import Arm
 
 RECENT_EVENTS = 20
+OVERLOAD = 1.25  # a canary replica taking this much more traffic than a stable one is a finding
 
 
 class ReplicaInfo(BaseModel):
@@ -50,7 +54,28 @@ class RolloutStatus(BaseModel):
     last_verdict: Verdict | None
     arms: dict[Arm, ArmSummary] | None  # the current window, as last judged
     events: tuple[Event, ...]  # the most recent, oldest first
+    capacity: str | None = None  # a canary arm too small for its weight, and what to scale
     replica: ReplicaInfo | None = None
+
+
+def capacity_finding(weight: float, replicas: Mapping[Arm, int]) -> str | None:
+    """What to scale when a canary replica takes more of the traffic than a stable one.
+
+    Its latency then reads slower for load, not for the model: the judge's tolerance absorbs
+    some of it, this names the cause and the fix.
+    """
+    canary, stable = replicas.get("canary", 0), replicas.get("stable", 0)
+    if not 0.0 < weight < 1.0 or canary <= 0 or stable <= 0:
+        return None
+    per_canary, per_stable = weight / canary, (1.0 - weight) / stable
+    if per_canary <= OVERLOAD * per_stable:
+        return None
+    needed = math.ceil(canary * per_canary / per_stable)
+    return (
+        f"each canary replica takes {per_canary / per_stable:.1f}× the traffic of a stable one "
+        f"({canary} canary for {weight:.0%}, {stable} stable for {1.0 - weight:.0%}): "
+        f"scale the canary to {needed} replicas"
+    )
 
 
 def describe(
@@ -62,6 +87,7 @@ def describe(
     arms: dict[Arm, ArmSummary] | None,
     evaluated_at: float | None,
     now: float,
+    replicas: Mapping[Arm, int] | None = None,
 ) -> RolloutStatus:
     """The status of `state` under `phases`, with the latest verdict on its current window."""
     return RolloutStatus(
@@ -84,4 +110,5 @@ def describe(
         last_verdict=latest,
         arms=arms,
         events=state.events[-RECENT_EVENTS:],
+        capacity=capacity_finding(state.weight, replicas) if replicas else None,
     )

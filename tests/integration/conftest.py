@@ -159,8 +159,13 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
     """Deploy apps through Serve's config path (the `deployments:` overrides included)."""
     deployed: list[str] = []
 
-    def _deploy(args: dict[str, Any], ingress_replicas: int = 1, ingress_env: dict[str, str] | None = None) -> App:
-        name = deploy_app(cluster, args, ingress_replicas, ingress_env)
+    def _deploy(
+        args: dict[str, Any],
+        ingress_replicas: int = 1,
+        ingress_env: dict[str, str] | None = None,
+        arm_replicas: dict[str, int] | None = None,
+    ) -> App:
+        name = deploy_app(cluster, args, ingress_replicas, ingress_env, arm_replicas=arm_replicas)
         deployed.append(name)
         return App(name, cluster["port"], args["model_name"])
 
@@ -175,6 +180,7 @@ def deploy_app(
     ingress_replicas: int = 1,
     ingress_env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
+    arm_replicas: dict[str, int] | None = None,
 ) -> str:
     """Deploy one app through Serve's config path (the `deployments:` overrides included)."""
     name = f"t{uuid.uuid4().hex[:8]}"
@@ -186,7 +192,7 @@ def deploy_app(
     if ingress_env is not None:
         ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
     arms = [
-        {"name": arm, "ray_actor_options": {"num_cpus": 0}}
+        {"name": arm, "num_replicas": (arm_replicas or {}).get(arm, 1), "ray_actor_options": {"num_cpus": 0}}
         for arm in ("stable", "canary")
         if "llm_config" not in args[arm]
     ]

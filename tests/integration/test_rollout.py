@@ -198,3 +198,14 @@ def test_concurrent_commands_each_land_in_order(cluster):
     finally:
         for actor in (controller, collector):
             ray.kill(actor, no_restart=True)
+
+
+def test_a_canary_arm_too_small_for_its_weight_is_named_with_what_to_scale(deploy):
+    half = {
+        "interval_s": INTERVAL_S,
+        "auto_rollback": False,
+        "phases": [{"name": "half", "weight": 0.5, "min_duration_s": 3600}, {"name": "full", "weight": 1.0}],
+    }
+    app = deploy(app_args(rollout=half), arm_replicas={"stable": 3, "canary": 1})
+    status = wait_for(lambda: (s := app.status())["capacity"] and s, 30, "the capacity finding")
+    assert "3.0×" in status["capacity"] and "scale the canary to 3 replicas" in status["capacity"]
