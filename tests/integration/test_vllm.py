@@ -61,8 +61,7 @@ def vllm_app(cluster: dict[str, Any]) -> Iterator[App]:
         # Two engines share 2 cores with the ingress, the proxy and the clients, so per-arm
         # latency differences here are scheduling, not the models. These tests judge errors: a
         # tiny α asks overwhelming evidence of any rollback (a dead engine gives it within a few
-        # dozen requests), and latency passes within wide limits (a handful of samples' p95 is
-        # their maximum, so one slow request would breach an absolute limit: #12).
+        # dozen requests), and latency passes within wide limits.
         "health": {
             "alpha": 1e-6,
             "max_error_rate": 0.2,
