@@ -12,6 +12,7 @@ from serve_canary.judge import LimitStats, UnitStats, judge
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 
 HEALTH = HealthConfig()
+NO_TOLERANCE = HealthConfig(max_ttft_increase=1.0, max_latency_increase=1.0, max_itl_increase=1.0)
 ALPHA = 0.01
 
 
@@ -283,3 +284,42 @@ def test_answers_all_alike_on_both_arms_can_still_be_shown_within_the_tolerance(
     verdict = verdict_on(arms, weight=0.5)
     assert verdict.decision == "pass", verdict.reason
     assert "of canary users above 1.2× stable's p95" in check(verdict, "tokens_p95").reason
+
+
+def test_sticky_users_with_their_own_speeds_keep_latency_false_rollbacks_within_alpha():
+    """A/A where each user has a speed of their own (some always slow): the latency tests,
+    per user, stay within their α share (α = 0.3 here: 0.021 per latency check), even with no
+    tolerance (any slower canary counts). The same test per request (canary requests above
+    stable's p95 at the realised share) rolls back 58 of these 200 trials."""
+    rng = np.random.default_rng(11)
+    trials, failures = 200, 0
+    for _ in range(trials):
+        ledger = MetricsLedger()
+        users = 80
+        speed = rng.lognormal(0.0, 0.6, users)  # per-user latency multiplier
+        volume = (rng.pareto(1.2, users) * 8 + 1).astype(int)
+        canary = rng.random(users) < 0.3
+        order = rng.permutation(np.repeat(np.arange(users), volume))
+        records = [
+            RequestRecord(
+                f"{i}",
+                "w",
+                f"u{u}",
+                "canary" if canary[u] else "stable",
+                "v",
+                "ok",
+                None,
+                0.05 * speed[u] * rng.lognormal(0, 0.2),
+                0.01,
+                0.5 * speed[u] * rng.lognormal(0, 0.2),
+                3,
+                10,
+            )
+            for i, u in enumerate(order)
+        ]
+        ledger.add(records)
+        arms = ledger.window("w")
+        verdict = judge(arms["stable"], arms["canary"], NO_TOLERANCE, 1, 0.3, weight=0.3)
+        failures += any(m.endswith("_ms") for m in verdict.failed_metrics)
+    # 6 latency checks at 0.021 each: at most 0.126 by the union bound
+    assert failures / trials <= 0.126 + 3 * (0.126 * 0.874 / trials) ** 0.5
