@@ -80,6 +80,10 @@ class RoutingConfig(_Schema):
 
     key_headers: tuple[str, ...] = ("x-user-id", "x-session-id")
     salt: str | None = Field(default=None, description="None: the rollout id (a fresh cohort per rollout)")
+    testers: frozenset[str] = Field(
+        default=frozenset(),
+        description="routing keys that may pick an arm with `x-serve-canary-force` (as may the admin token)",
+    )
 
     @field_validator("key_headers")
     @classmethod

@@ -32,12 +32,13 @@ from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
 from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_json, parse_request
 from serve_canary.rollout import TransitionError
-from serve_canary.routing import Arm, RoutingTable
+from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
 from serve_canary.status import ReplicaInfo, RolloutStatus
 
 FLUSH_INTERVAL_S = 0.5
 LONG_POLL_TIMEOUT_S = 30.0
+FORCE_HEADER = "x-serve-canary-force"  # a tester's pick of arm: admin token or a listed routing key
 logger = logging.getLogger("serve_canary.ingress")
 
 STATUS_PAGE = resources.files("serve_canary").joinpath("status_page.html").read_text()
@@ -193,6 +194,20 @@ class CanaryIngress:
                     return value
         return user if isinstance(user, str) and user else None
 
+    def _forced_arm(self, headers: Mapping[str, str] | None, key: str | None) -> Arm | None:
+        """The arm a tester picked, if they may pick one (the admin token, or a tester's key)."""
+        wanted = headers.get(FORCE_HEADER) if headers is not None else None
+        if not wanted:
+            return None
+        if wanted not in ARMS:
+            raise OpenAIError(400, f"{FORCE_HEADER} must be 'stable' or 'canary', got {wanted!r}", param=FORCE_HEADER)
+        assert headers is not None
+        if (key is not None and key in self._config.routing.testers) or self._is_admin(headers):
+            return wanted
+        raise OpenAIError(
+            403, f"{FORCE_HEADER} needs the admin bearer token or a tester's routing key", "permission_error"
+        )
+
     async def _serve(self, kind: Kind, body: Any, headers: Mapping[str, str] | None) -> Served:
         messages = body.get("messages") if isinstance(body, dict) else None
         if isinstance(messages, list) and len(messages) > self._config.limits.max_messages:
@@ -205,17 +220,24 @@ class CanaryIngress:
                 code="model_not_found",
                 param="model",
             )
+        key = self._routing_key(headers, body.get("user") if isinstance(body, dict) else None)
+        forced = self._forced_arm(headers, key)
         served = await serve_request(
             kind,
             body,
-            self._routing_key(headers, body.get("user") if isinstance(body, dict) else None),
+            key,
             self._table,
             self._arms,
             self._record,
             request_id=uuid.uuid4().hex,
             failover=self._config.failover,
             canary_first_item_timeout_s=self._config.canary_first_token_timeout_s,
+            forced=forced,
         )
+        if forced is not None:  # a tester's answer is not rated into the judge
+            if served.body is not None:
+                served.body["serve_canary"].update(replica=self._replica_id, forced=True)
+            return served
         attribution = Attribution(
             served.request_id,
             served.arm,
@@ -287,8 +309,9 @@ class CanaryIngress:
             "x-serve-canary-arm": served.arm,
             "x-serve-canary-version": served.version,
             "x-serve-canary-request-id": served.request_id,
-            "x-serve-canary-feedback-token": served.feedback_token,
         }
+        if served.feedback_token:
+            headers["x-serve-canary-feedback-token"] = served.feedback_token
         if served.stream is None:
             return JSONResponse(served.body, headers=headers)
         return StreamingResponse(served.stream, media_type="text/event-stream", headers=headers)
@@ -325,13 +348,18 @@ class CanaryIngress:
     async def http_feedback(self, request: Request) -> dict[str, Any]:
         return await self.feedback(await _json_body(request, self._config.limits))
 
+    def _is_admin(self, headers: Mapping[str, str]) -> bool:
+        given = headers.get("authorization", "")
+        return self._admin_token is not None and hmac.compare_digest(
+            given.encode(), f"Bearer {self._admin_token}".encode()
+        )
+
     def _authorize(self, request: Request) -> None:
         if self._admin_token is None:
             raise OpenAIError(
                 403, f"the admin API is disabled: set {ADMIN_TOKEN_ENV} on the cluster to enable it", "permission_error"
             )
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self._admin_token}".encode()):
+        if not self._is_admin(request.headers):
             raise OpenAIError(401, "missing or wrong admin bearer token", "authentication_error")
 
     @api.post("/-/canary/{command}")

@@ -46,6 +46,7 @@ class RequestRecord(NamedTuple):
     e2e_s: float
     prompt_tokens: int
     output_tokens: int
+    forced: bool = False  # a tester picked the arm (`x-serve-canary-force`): shown, never judged
 
 
 class Reservoir:
@@ -273,6 +274,8 @@ class MetricsLedger:
 
     def add(self, records: list[RequestRecord]) -> None:
         for record in records:
+            if record.forced:
+                continue
             arms = self._writable(record.window)
             arms[record.arm].add(record)
             if record.arm == "stable":

@@ -96,8 +96,14 @@ class PrometheusExporter:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "serve_canary_requests",
-            "Finished requests by outcome (ok, error, cancelled, rejected) and error kind.",
+            "Finished requests by outcome (ok, error, cancelled, rejected, failover) and error kind.",
             (*ARM_LABELS, "outcome", "error_kind"),
+            registry=registry,
+        )
+        self.forced_requests = Counter(
+            "serve_canary_forced_requests",
+            "Requests whose arm a tester picked (x-serve-canary-force): never judged.",
+            (*ARM_LABELS, "outcome"),
             registry=registry,
         )
         self.ttft = Histogram(
@@ -187,6 +193,9 @@ class PrometheusExporter:
     def record(self, records: list[RequestRecord]) -> None:
         for r in records:
             labels = (self.model, r.arm, r.version)
+            if r.forced:
+                self.forced_requests.labels(*labels, r.outcome).inc()
+                continue
             self.requests.labels(*labels, r.outcome, r.error_kind or "").inc()
             self.prompt_tokens.labels(*labels).inc(r.prompt_tokens)
             self.generation_tokens.labels(*labels).inc(r.output_tokens)

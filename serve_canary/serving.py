@@ -97,6 +97,7 @@ class _Attempt:
     ) -> None:
         self.request_id, self.table, self.arm, self.unit, self.clock = request_id, table, arm, unit, clock
         self.failed_over = False  # stable answering a canary request that failed: not stable's request
+        self.forced = False
         self.started = clock()
         self.first_at: float | None = None
         self.last_at = self.started
@@ -128,6 +129,7 @@ class _Attempt:
             now - self.started,
             prompt_tokens,
             output_tokens,
+            self.forced,
         )
 
 
@@ -192,6 +194,7 @@ async def serve_request(
     request_id: str,
     failover: bool,
     canary_first_item_timeout_s: float | None = None,
+    forced: Arm | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Served:
     """Route `body` by `key`, call the arm and wait for its first item.
@@ -201,7 +204,8 @@ async def serve_request(
     canary that yields nothing within `canary_first_item_timeout_s` (no live replica, a hung
     engine: error kind `unavailable`), so its users never stall behind it. A 4xx from an arm
     is the client's error: it is raised as such, never failed over, never held against the
-    arm (recorded as `rejected`).
+    arm (recorded as `rejected`). A `forced` arm (a tester's pick) serves the request whatever
+    the table says, without failover, and its record is marked so the judge never reads it.
     """
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -209,15 +213,15 @@ async def serve_request(
         envelope = Envelope.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    arm, unit = table.route(key)
+    arm, unit = (forced, None) if forced is not None else table.route(key)
     failed_over = False
     while True:
         endpoint = arms[arm]
         request = endpoint.request(kind, body, request_id, envelope.stream)
         attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, unit, clock)
-        attempt.failed_over = failed_over
+        attempt.failed_over, attempt.forced = failed_over, forced is not None
         stream = endpoint.open(kind, request)
-        can_fail_over = arm == "canary" and failover
+        can_fail_over = arm == "canary" and failover and forced is None
         timeout_s = canary_first_item_timeout_s if can_fail_over else None
         error_kind = "before_first_token"
         try:

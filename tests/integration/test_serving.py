@@ -204,3 +204,25 @@ def test_admin_routes_are_refused_when_no_token_is_configured(deploy):
     assert refused.status_code == 403 and "SERVE_CANARY_ADMIN_TOKEN" in refused.json()["error"]["message"]
     assert app.status()["status"] == "running"
     assert ADMIN_TOKEN not in refused.text
+
+
+def test_testers_pick_an_arm_with_the_admin_token_or_a_listed_key_and_are_never_judged(deploy):
+    app = deploy(app_args(rollout=HOLD, routing={"testers": ["qa-1"]}))
+    window = app.status()["window"]
+    chat = {"model": app.model, "messages": [{"role": "user", "content": "hi"}]}
+
+    def post(headers: dict[str, str]):
+        return app.http.post("/v1/chat/completions", json=chat, headers=headers)
+
+    listed = post({"x-user-id": "qa-1", "x-serve-canary-force": "canary"})
+    assert listed.status_code == 200 and listed.headers["x-serve-canary-arm"] == "canary"
+    assert listed.json()["serve_canary"]["forced"] and "x-serve-canary-feedback-token" not in listed.headers
+    admin = post({"x-user-id": "someone", "x-serve-canary-force": "canary", "authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert admin.status_code == 200 and admin.headers["x-serve-canary-arm"] == "canary"
+    refused = post({"x-user-id": "someone", "x-serve-canary-force": "canary"})
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+    wrong = post({"x-user-id": "qa-1", "x-serve-canary-force": "blue"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "x-serve-canary-force"
+    forced_line = 'serve_canary_forced_requests_total{arm="canary",model="test-llm",outcome="ok",version="v2"} 2.0'
+    wait_for(lambda: forced_line in app.http.get("/metrics").text, 10, "the forced requests exported")
+    assert app.window(window)["canary"].requests == 0  # the judge never saw them

@@ -101,3 +101,9 @@ def test_the_ledger_keeps_only_the_latest_windows_and_reading_creates_none():
         ledger.add([record(f"{window}-r", window=window)])
     assert ledger.windows == ["w2", "w3"]
     assert ledger.window("w1")["canary"].requests == 0
+
+
+def test_a_testers_forced_request_is_never_judged():
+    ledger = MetricsLedger()
+    ledger.add([record("a", outcome="error")._replace(forced=True)])
+    assert ledger.windows == []

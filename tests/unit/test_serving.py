@@ -180,3 +180,25 @@ async def test_malformed_bodies_are_400s(body):
     with pytest.raises(OpenAIError) as failure:
         await call(body)
     assert failure.value.status == 400
+
+
+async def test_a_forced_arm_serves_whatever_the_weight_without_failover_and_is_marked():
+    records: list[RequestRecord] = []
+    served = await serve_request(
+        "chat", chat(), "qa", table(0.0), arms(), records.append, request_id="f", failover=True, forced="canary"
+    )
+    assert (served.arm, served.unit) == ("canary", None)
+    assert [(r.arm, r.outcome, r.forced) for r in records] == [("canary", "ok", True)]
+    with pytest.raises(OpenAIError) as failed:  # a tester sees the canary's failure, not stable's answer
+        await serve_request(
+            "chat",
+            chat(),
+            "qa",
+            table(0.0),
+            arms(canary={"error_rate": 1.0}),
+            records.append,
+            request_id="g",
+            failover=True,
+            forced="canary",
+        )
+    assert failed.value.status == 502 and records[-1].forced
