@@ -166,6 +166,32 @@ class HealthConfig(_Schema):
     )
 
 
+# What a notification can be subscribed to: the rollout's transition actions and the statuses
+# they lead to (`rollout.py`; a unit test keeps the two lists equal).
+NOTIFIABLE = frozenset(
+    {
+        *("start", "promote", "await_approval", "approve", "auto_rollback", "rollback", "pause", "resume"),
+        *("set_weight", "restart", "configure", "state_error", "state_recovered", "reopen_window"),
+        *("running", "paused", "awaiting_approval", "rolled_back", "complete"),
+    }
+)
+
+
+class NotificationTarget(_Schema):
+    """A receiver of transition events (Slack's incoming webhooks take the body as it is)."""
+
+    url: str = Field(pattern=r"^https?://", description="POSTed one JSON body per event")
+    events: frozenset[str] = Field(default=frozenset(), description="actions or statuses to send; none: every event")
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, events: frozenset[str]) -> frozenset[str]:
+        unknown = sorted(events - NOTIFIABLE)
+        if unknown:
+            raise ValueError(f"unknown events {unknown}; known: {sorted(NOTIFIABLE)}")
+        return events
+
+
 class FeedbackConfig(_Schema):
     """What feedback is accepted: ratings within a range, with a token no older than `token_ttl_s`."""
 
@@ -210,6 +236,7 @@ class CanaryConfig(_Schema):
     )
     feedback: FeedbackConfig = FeedbackConfig()
     limits: RequestLimits = RequestLimits()
+    notifications: tuple[NotificationTarget, ...] = ()
     state_store: str = Field(default="gcs", description="'gcs' (Ray's GCS key-value store) or 'file:///abs/path'")
 
     @field_validator("state_store")

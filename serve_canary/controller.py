@@ -27,6 +27,7 @@ from serve_canary.config import CanaryConfig
 from serve_canary.feedback import KEY_BYTES
 from serve_canary.judge import Verdict, judge
 from serve_canary.metrics import ArmSummary
+from serve_canary.notify import Notifier, message
 from serve_canary.rollout import Event, RolloutState, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import failure_message
@@ -86,6 +87,7 @@ class RolloutController:
         self._last_window: dict[Arm, ArmSummary] | None = None
         self._evaluated_at: float | None = None
         self._replicas: dict[Arm, int] = {}
+        self._notifier = Notifier(lambda: self._config.notifications)
         self._judged_by: str | None = None  # the collector incarnation the last verdict read
         if self._load():
             await self.configure(self._config.model_dump(mode="json"))
@@ -113,6 +115,7 @@ class RolloutController:
                     reason,
                 )
                 self._publish(stand_in)
+                self._notify(stand_in)
             return False
         if document is not None:
             if "feedback_key" not in document:  # written before feedback tokens: keep the key from now on
@@ -135,7 +138,13 @@ class RolloutController:
         await asyncio.to_thread(self._store.save, document)
         self._publish(state)
         logger.info("rollout %s: %s", state.rollout_id, state.events[-1].reason)
+        self._notify(state)
         return self._publish_status(state.events[-1])
+
+    def _notify(self, state: RolloutState) -> None:
+        """Send the transition that made `state` to the notification receivers (never waits)."""
+        event = state.events[-1]
+        self._notifier.send(message(self._app_name, self._config.model_name, state.rollout_id, event), event)
 
     def _publish(self, state: RolloutState) -> None:
         """Make `state` current and its table the one replicas route by."""
