@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from .conftest import app_args, free_port, wait_for
+from .conftest import ADMIN_TOKEN, app_args, free_port, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
@@ -118,3 +118,33 @@ def test_status_page_shows_the_phase_and_follows_a_set_weight(deploy, chromium):
     if SCREENSHOT_DIR:
         Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
         (Path(SCREENSHOT_DIR) / "status_page.png").write_bytes(screenshot)
+
+
+def test_page_actions_are_refused_without_the_admin_token_and_take_effect_with_it(deploy, chromium):
+    app = deploy(app_args(rollout=HOLD))
+    page = chromium(f"{app.url}/-/canary/")
+    wait_for(lambda: page.text("status") == "running", 20, "the page to load")
+
+    def click(command: str) -> None:
+        page.call("Runtime.evaluate", expression=f"document.querySelector('[data-command={command}]').click()")
+
+    click("pause")
+    wait_for(lambda: (page.text("action-answer") or "").startswith("pause: 401"), 10, "the refusal shown")
+    assert app.status()["status"] == "running"
+
+    page.call(
+        "Runtime.evaluate",
+        expression=f"const t = document.getElementById('admin-token'); t.value = {ADMIN_TOKEN!r};"
+        "t.dispatchEvent(new Event('input'));",
+    )
+    click("pause")
+    wait_for(lambda: page.text("action-answer") == "pause: 200 paused at 5%", 10, "the pause answered")
+    wait_for(lambda: page.text("status") == "paused", 10, "the page to show it paused")
+    page.call("Runtime.evaluate", expression="document.getElementById('new-weight').value = '0.4'")
+    click("weight")
+    wait_for(lambda: page.text("weight") == "40%", 10, "the new weight")
+    assert app.status()["canary_weight"] == 0.4
+    stored = page.call(
+        "Runtime.evaluate", expression="sessionStorage.getItem('serve-canary-admin-token')", returnByValue=True
+    )
+    assert stored["result"]["value"] == ADMIN_TOKEN  # held by the tab's session only
