@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("approve", help="approve the phase that awaits approval")
     commands.add_parser("rollback", help="send all traffic to stable")
     commands.add_parser("restart", help="start a new attempt after a rollback")
+    report = commands.add_parser("report", help="write an HTML report of the rollout (charts, events, evidence)")
+    report.add_argument("--out", default="serve-canary-report", help="directory for report.html and its charts")
     set_weight = commands.add_parser("set-weight", help="set the canary weight by hand (pauses automation)")
     set_weight.add_argument("weight", type=float, help="canary share of traffic, 0..1")
     return parser
@@ -116,7 +119,7 @@ def status_view(status: RolloutStatus) -> Group:
     return Group(*parts)
 
 
-async def _run(args: argparse.Namespace) -> RolloutStatus:
+async def _run(args: argparse.Namespace) -> RolloutStatus | Path:
     client: ControllerClient | HttpControllerClient
     if args.url:
         client = HttpControllerClient(args.url, os.environ.get(ADMIN_TOKEN_ENV))
@@ -126,6 +129,10 @@ async def _run(args: argparse.Namespace) -> RolloutStatus:
         client = ControllerClient.for_app(args.app)
     if args.command == "set-weight":
         return await client.set_weight(args.weight)
+    if args.command == "report":
+        from serve_canary.report import write_report  # matplotlib: only for reports
+
+        return write_report(await client.status(), await client.history(), Path(args.out), time.time())
     if args.command == "status" and args.watch:
         with Live(status_view(await client.status()), auto_refresh=False) as live:
             while True:
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         _ray_init(args.address)
     signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own handler
     try:
-        status = asyncio.run(_run(args))
+        result = asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 0
     except (TransitionError, AdminRefused, httpx.HTTPError) as exc:
@@ -203,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # no such actor: the app is not running
         print(f"serve-canary: no rollout found for app {args.app!r}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(status.model_dump_json(indent=2))
+    if isinstance(result, Path):
+        print(f"report written to {result}")
+    elif args.json:
+        print(result.model_dump_json(indent=2))
     else:
-        Console().print(status_view(status))
+        Console().print(status_view(result))
     return 0
 
 

@@ -303,6 +303,10 @@ class RolloutController:
 
     # -- status -------------------------------------------------------------------------------
 
+    def history(self) -> tuple[Event, ...]:
+        """Every event the rollout state keeps (the status carries only the recent ones)."""
+        return self._current.events
+
     def status(self) -> RolloutStatus:
         return describe(
             self._app_name,
@@ -350,6 +354,9 @@ class ControllerClient:
 
     async def status(self) -> RolloutStatus:
         return await self._call(RolloutStatus, "status")
+
+    async def history(self) -> tuple[Event, ...]:
+        return await self._call(tuple, "history")
 
     async def configure(self, config: CanaryConfig) -> None:
         await self._call(type(None), "configure", config.model_dump(mode="json"))

@@ -7,8 +7,9 @@ bearer token; the routes call the one `ControllerClient`, so both paths make the
 from __future__ import annotations
 
 import httpx
+from pydantic import TypeAdapter
 
-from serve_canary.rollout import TransitionError
+from serve_canary.rollout import Event, TransitionError
 from serve_canary.status import RolloutStatus
 
 
@@ -31,6 +32,12 @@ class HttpControllerClient:
 
     async def status(self) -> RolloutStatus:
         return await self._call("GET", "/status")
+
+    async def history(self) -> tuple[Event, ...]:
+        response = await self._http.get("/history")
+        if response.is_error:
+            raise AdminRefused(f"{response.status_code} from {response.url}: {_message(response)}")
+        return TypeAdapter(tuple[Event, ...]).validate_json(response.content)
 
     async def pause(self) -> RolloutStatus:
         return await self._call("POST", "/pause")

@@ -21,7 +21,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -31,7 +31,7 @@ from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
 from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_json, parse_request
-from serve_canary.rollout import TransitionError
+from serve_canary.rollout import Event, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
 from serve_canary.status import ReplicaInfo, RolloutStatus
@@ -42,6 +42,7 @@ FORCE_HEADER = "x-serve-canary-force"  # a tester's pick of arm: admin token or 
 logger = logging.getLogger("serve_canary.ingress")
 
 STATUS_PAGE = resources.files("serve_canary").joinpath("status_page.html").read_text()
+HISTORY = TypeAdapter(tuple[Event, ...])
 api = FastAPI(title="serve-canary", docs_url=None, redoc_url=None)
 
 
@@ -343,6 +344,12 @@ class CanaryIngress:
     @api.get("/-/canary/status")
     async def http_status(self) -> Response:
         return Response((await self.status()).model_dump_json(), media_type="application/json")
+
+    @api.get("/-/canary/history")
+    async def http_history(self) -> Response:
+        """Every event of the rollout, with the judge's evidence (what `serve-canary report` reads)."""
+        events = await self._controller.history()
+        return Response(HISTORY.dump_json(events), media_type="application/json")
 
     @api.post("/-/canary/feedback")
     async def http_feedback(self, request: Request) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from .conftest import ADMIN_TOKEN, app_args, free_port, wait_for
+from .conftest import ADMIN_TOKEN, app_args, background_traffic, free_port, operator_env, serve_canary_cli, wait_for
 from .test_serving import HOLD
 
 pytestmark = pytest.mark.integration
@@ -148,3 +148,29 @@ def test_page_actions_are_refused_without_the_admin_token_and_take_effect_with_i
         "Runtime.evaluate", expression="sessionStorage.getItem('serve-canary-admin-token')", returnByValue=True
     )
     assert stored["result"]["value"] == ADMIN_TOKEN  # held by the tab's session only
+
+
+def test_the_rollout_report_opens_in_chromium_with_its_charts(deploy, chromium, tmp_path):
+    phases = [{"name": "half", "weight": 0.5, "min_requests": 5}, {"name": "full", "weight": 1.0}]
+    app = deploy(app_args(rollout={"interval_s": 0.5, "phases": phases}, canary_engine={"error_rate": 1.0}))
+    with background_traffic(app):
+        wait_for(lambda: app.status()["status"] == "rolled_back", 60, "the rollback")
+    out = tmp_path / "report"
+    token_env = operator_env(SERVE_CANARY_ADMIN_TOKEN=ADMIN_TOKEN)
+    made = serve_canary_cli("--url", app.url, "report", "--out", str(out), env=token_env)
+    assert made.returncode == 0, made.stderr
+    assert (out / "weights.png").exists() and (out / "decision.png").exists()
+
+    page = chromium((out / "report.html").as_uri())
+    drawn = "[...document.images].filter((i) => i.complete && i.naturalWidth >= 900).length"
+    wait_for(
+        lambda: page.call("Runtime.evaluate", expression=drawn, returnByValue=True)["result"]["value"] == 2,
+        10,
+        "both charts drawn",
+    )
+    text = page.call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)["result"]["value"]
+    assert "auto_rollback" in text and "test-llm: v1 → v2" in text and "error_rate" in text
+    screenshot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+    assert screenshot.startswith(b"\x89PNG")
+    if SCREENSHOT_DIR:
+        (Path(SCREENSHOT_DIR) / "report.png").write_bytes(screenshot)
