@@ -28,7 +28,8 @@ def test_a_rolled_back_rollout_reports_its_charts_events_and_the_evidence(tmp_pa
     page = path.read_text()
     assert (tmp_path / "report" / "weights.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "report" / "arms.png").read_bytes().startswith(b"\x89PNG")
-    assert page.count("data:image/png;base64,") == 2 and "http" not in page.replace("http-equiv", "")
+    assert (tmp_path / "report" / "decision.png").read_bytes().startswith(b"\x89PNG")
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
     assert "auto_rollback" in page and "rolled_back" in page  # the events table
     assert "The judge&#x27;s evidence" in page or "evidence at each decision" in page
     assert "<td>error_rate</td>" in page and "<td>fail</td>" in page  # the checks behind the rollback
