@@ -279,8 +279,8 @@ def _compare(
     else:
         assert spec.threshold is not None
         threshold = stable.units.thresholds.get(spec.threshold)
+        measure, quantile = spec.threshold.split("_")
         if threshold is None:
-            measure = spec.threshold.split("_")[0]
             if not canary.samples(measure).seen:
                 return MetricCheck(spec.name, None, None, allowed, "pass", "no canary samples: nothing to compare")
             reason = "stable's quantile is not fixed yet (too few samples)"
@@ -288,7 +288,6 @@ def _compare(
         stable_over = stable.units.over(spec.threshold, 1.0, "inner")
         rollback = (canary.units.over(spec.threshold, allowed, "inner"), stable_over, weight)
         promotion = (canary.units.over(spec.threshold, allowed, "outer"), stable_over, weight)
-        measure, quantile = spec.threshold.split("_")
         level, scale = QUANTILES[quantile], 1.0 if measure == "tokens" else 1000.0
         samples = (stable.samples(measure).quantile(level), canary.samples(measure).quantile(level))
         shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]

@@ -70,7 +70,7 @@ class UnitTally:
     keyless_low_ratings: int = 0
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
     _changes: int = 0
-    _histograms: tuple[int, dict[str, Counter[int]]] = (-1, {})
+    _counted: tuple[int, Census | None] = (-1, None)
 
     def _unit(self, unit: str | None) -> UnitOutcome | None:
         if unit is None:
@@ -115,38 +115,62 @@ class UnitTally:
         """How many independent requests the arm's requests are worth when each unit's
         requests are alike: (Σ nᵢ)² / Σ nᵢ² over units of nᵢ requests (Kish's effective
         sample size). Per-request confidence bounds use it in place of the request count."""
-        total, squares = self.keyless, self.keyless
-        for outcome in self.keyed.values():
-            total += outcome.requests
-            squares += outcome.requests * outcome.requests
-        return total * total / squares if squares else 0.0
+        census = self._census()
+        return census.requests**2 / census.squares if census.squares else 0.0
 
     @property
     def errors(self) -> int:
         """Units with at least one error."""
-        return sum(outcome.error for outcome in self.keyed.values()) + self.keyless_errors
+        return self._census().errors
 
     @property
     def hallucinations(self) -> int:
         """Units with at least one answer flagged as a hallucination."""
-        return sum(outcome.hallucination for outcome in self.keyed.values()) + self.keyless_hallucinations
+        return self._census().hallucinations
 
     @property
     def low_ratings(self) -> int:
         """Units that gave at least one rating in the lower half of the range."""
-        return sum(outcome.low_rating for outcome in self.keyed.values()) + self.keyless_low_ratings
+        return self._census().low_ratings
 
     def over(self, key: str, limit: float, side: Side) -> int:
         """Units whose worst `key` measure went above `limit` × the threshold."""
         first = first_bin_over(limit, side)
-        return sum(count for index, count in self._histogram(key).items() if index >= first)
+        return sum(count for index, count in self._census().worst[key].items() if index >= first)
 
-    def _histogram(self, key: str) -> Counter[int]:
-        """Units per bin of their worst `key` ratio (counted once per change: the judge asks often)."""
-        if self._histograms[0] != self._changes:
-            histograms = {name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS}
+    def _census(self) -> Census:
+        """Every count the judge reads, in one pass over the keyed units, kept until the next
+        change (a look asks for each many times)."""
+        changes, census = self._counted
+        if changes != self._changes or census is None:
+            census = Census(
+                requests=self.keyless,
+                squares=self.keyless,
+                errors=self.keyless_errors,
+                hallucinations=self.keyless_hallucinations,
+                low_ratings=self.keyless_low_ratings,
+                worst={name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS},
+            )
             for outcome in self.keyed.values():
+                census.requests += outcome.requests
+                census.squares += outcome.requests * outcome.requests
+                census.errors += outcome.error
+                census.hallucinations += outcome.hallucination
+                census.low_ratings += outcome.low_rating
                 for name, index in outcome.worst.items():
-                    histograms[name][index] += 1
-            self._histograms = (self._changes, histograms)
-        return self._histograms[1][key]
+                    census.worst[name][index] += 1
+            self._counted = (self._changes, census)
+        return census
+
+
+@dataclass
+class Census:
+    """A tally's counts at one moment: requests (and their squares per unit), flagged units,
+    and units per bin of their worst ratio to each threshold."""
+
+    requests: int
+    squares: int
+    errors: int
+    hallucinations: int
+    low_ratings: int
+    worst: dict[str, Counter[int]]
