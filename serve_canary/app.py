@@ -10,6 +10,7 @@ from ray.serve import Application
 
 from serve_canary.config import ArmConfig, CanaryConfig, ConfigError, SimulatedEngineArgs, format_errors, parse_config
 from serve_canary.ingress import CanaryIngress
+from serve_canary.shadow import comparators_for
 
 # A simulated engine sleeps, it does not compute: it needs no CPU of its own and takes many
 # concurrent requests (Serve's default of 5 would queue users at the replica).
@@ -36,6 +37,8 @@ def _arm_deployment(name: str, arm: ArmConfig) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the args, then bind the ingress to a stable and a canary model deployment."""
     config: CanaryConfig = parse_config(args)
+    if config.rollout.shadow is not None:  # a comparator that does not import fails here, not in a replica
+        comparators_for(config.rollout.shadow, config.health)
     return CanaryIngress.bind(  # type: ignore[attr-defined,no-any-return]
         _arm_deployment("stable", config.stable),
         _arm_deployment("canary", config.canary),

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from serve_canary.config import ADMIN_TOKEN_ENV, ConfigError, parse_config
 from serve_canary.http_client import AdminRefused, HttpControllerClient
-from serve_canary.judge import UnitStats
+from serve_canary.judge import PairStats, UnitStats
 from serve_canary.rollout import TransitionError
 from serve_canary.status import RolloutStatus
 
@@ -104,11 +104,19 @@ def status_view(status: RolloutStatus) -> Group:
                 _fmt(check.stable),
                 _fmt(check.canary),
                 _fmt(check.limit),
-                _fmt(check.stats.e_value if isinstance(check.stats, UnitStats) else None),
+                _fmt(check.stats.e_value if isinstance(check.stats, UnitStats | PairStats) else None),
                 Text(check.decision, style=colours[check.decision]),
             )
         parts.append(table)
         parts.extend(Text(f"ALERT: {alert}", style="bold magenta") for alert in verdict.alerts)
+    if status.shadow is not None and status.shadow.examples:
+        examples = Table(title=f"shadow pairs: {status.shadow.pairs} compared", title_justify="left", expand=True)
+        for column in ("prompt", "stable answered", "canary answered", "worse, by comparator"):
+            examples.add_column(column)
+        for example in status.shadow.examples:
+            worse = ", ".join(f"{name}: {arm}" for name, arm in example.worse.items())
+            examples.add_row(example.prompt, example.stable, example.canary, worse)
+        parts.append(examples)
     events = Table(title="recent events", title_justify="left", expand=True)
     for column in ("at", "action", "to", "phase", "weight", "reason"):
         events.add_column(column)

@@ -16,6 +16,7 @@ from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 from serve_canary.prometheus import PrometheusExporter
 from serve_canary.rollout import Event
 from serve_canary.routing import Arm
+from serve_canary.shadow import PairOutcome, ShadowTally
 from serve_canary.status import RolloutStatus
 
 RATED_CAPACITY = 1_000_000  # request ids remembered as rated (~100 MB at most)
@@ -27,6 +28,7 @@ class WindowSnapshot(NamedTuple):
 
     collector: str
     arms: dict[Arm, ArmAggregate]
+    pairs: ShadowTally
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -42,6 +44,11 @@ class MetricsCollector:
         self._ledger.add(records)
         self._exporter.record(records)
 
+    def pairs(self, outcomes: list[PairOutcome]) -> None:
+        """Compared shadow pairs, from an ingress replica."""
+        self._ledger.add_pairs(outcomes)
+        self._exporter.pairs(outcomes)
+
     def rollout(self, status: RolloutStatus, transition: Event | None) -> None:
         """The controller's latest status and the transition that made it, if any."""
         self._exporter.rollout(status, transition)
@@ -50,7 +57,7 @@ class MetricsCollector:
         return self._exporter.exposition()
 
     def window(self, window: str) -> WindowSnapshot:
-        return WindowSnapshot(self._incarnation, self._ledger.window(window))
+        return WindowSnapshot(self._incarnation, self._ledger.window(window), self._ledger.pairs(window))
 
     def feedback(
         self, attribution: Attribution, rating: float | None, hallucination: bool | None, low_rating: bool

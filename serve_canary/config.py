@@ -32,6 +32,12 @@ class SimulatedEngineArgs(_Schema):
     output_tokens: int = Field(default=32, ge=1)
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail before the first token")
     midstream_error_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fail halfway")
+    empty_answer_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="answer nothing, for this share of prompts (the same ones every time)"
+    )
+    different_answer_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="answer other words, for this share of prompts (the same ones)"
+    )
     max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
     stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
     seed: int | None = None
@@ -109,12 +115,76 @@ DEFAULT_PHASES = (
 )
 
 
+SHADOW_PHASE = "shadow"
+BUILTIN_COMPARATORS = ("error", "latency", "empty_or_refusal", "length_ratio", "finish_reason", "exact_match")
+
+
+class ComparatorConfig(_Schema):
+    """One comparison of paired answers: a built-in, or a function given by import path."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$",
+        description=f"one of {', '.join(BUILTIN_COMPARATORS)}, or 'package.module:function'",
+    )
+    max_rate: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="how much larger the share of pairs with the canary's answer worse may be than with stable's",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if ":" not in name and name not in BUILTIN_COMPARATORS:
+            raise ValueError(f"not a built-in comparator ({', '.join(BUILTIN_COMPARATORS)}) nor 'module:function'")
+        return name
+
+
+DEFAULT_COMPARATORS = (
+    ComparatorConfig(name="empty_or_refusal", max_rate=0.02),
+    ComparatorConfig(name="length_ratio"),
+    ComparatorConfig(name="finish_reason"),
+)
+
+
+class ShadowConfig(_Schema):
+    """Phase 0: mirror stable's requests to the canary, compare the answers, expose no user."""
+
+    fraction: float = Field(default=0.1, gt=0.0, le=1.0, description="share of stable's requests mirrored")
+    max_rps: float = Field(default=10.0, gt=0.0, description="mirrored requests per second, per ingress replica")
+    min_pairs: int = Field(default=200, ge=1, description="compared pairs before the shadow phase can pass")
+    comparators: tuple[ComparatorConfig, ...] = DEFAULT_COMPARATORS
+
+    @field_validator("comparators")
+    @classmethod
+    def _unique(cls, comparators: tuple[ComparatorConfig, ...]) -> tuple[ComparatorConfig, ...]:
+        names = [c.name for c in comparators]
+        if len(set(names)) != len(names):
+            raise ValueError(f"comparator names must be unique, got {names}")
+        return comparators
+
+
 class RolloutConfig(_Schema):
     """The phase plan and how often it is evaluated."""
 
     interval_s: float = Field(default=10.0, gt=0.0)
+    shadow: ShadowConfig | None = Field(default=None, description="a shadow phase before the first phase")
     phases: tuple[PhaseConfig, ...] = DEFAULT_PHASES
     auto_rollback: bool = True
+
+    @property
+    def plan(self) -> tuple[PhaseConfig, ...]:
+        """The phases the rollout moves through: the shadow phase (weight 0), if any, then `phases`."""
+        if self.shadow is None:
+            return self.phases
+        return (PhaseConfig(name=SHADOW_PHASE, weight=0.0, min_requests=self.shadow.min_pairs), *self.phases)
+
+    @model_validator(mode="after")
+    def _shadow_name_free(self) -> RolloutConfig:
+        if self.shadow is not None and any(p.name == SHADOW_PHASE for p in self.phases):
+            raise ValueError(f"with a shadow phase, no phase may be named {SHADOW_PHASE!r}")
+        return self
 
     @field_validator("phases")
     @classmethod

@@ -23,14 +23,15 @@ from ray.exceptions import RayTaskError
 
 from serve_canary import rollout
 from serve_canary.collector import MetricsCollector, WindowSnapshot
-from serve_canary.config import CanaryConfig
+from serve_canary.config import SHADOW_PHASE, CanaryConfig
 from serve_canary.feedback import KEY_BYTES
-from serve_canary.judge import Verdict, judge
+from serve_canary.judge import Verdict, judge, judge_shadow
 from serve_canary.metrics import ArmSummary
 from serve_canary.notify import Notifier, message
 from serve_canary.rollout import Event, RolloutState, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import failure_message
+from serve_canary.shadow import ShadowTally, checked
 from serve_canary.status import RolloutStatus, describe
 from serve_canary.store import StateUnreadable, open_store
 
@@ -53,7 +54,9 @@ def rollout_id_for(config: CanaryConfig) -> str:
 
 
 def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
-    phase = config.rollout.phases[state.phase_index]
+    phase = config.rollout.plan[state.phase_index]
+    shadow = config.rollout.shadow
+    mirroring = shadow is not None and phase.name == SHADOW_PHASE and not state.terminal
     return RoutingTable(
         version=state.table_version,
         rollout_id=state.rollout_id,
@@ -64,6 +67,7 @@ def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
         canary_version=state.canary_version,
         phase=phase.name,
         status=state.status,
+        shadow_fraction=shadow.fraction if mirroring and shadow is not None else 0.0,
     )
 
 
@@ -85,6 +89,7 @@ class RolloutController:
         self._transition = asyncio.Lock()
         self._last_verdict: Verdict | None = None
         self._last_window: dict[Arm, ArmSummary] | None = None
+        self._last_pairs: ShadowTally | None = None
         self._evaluated_at: float | None = None
         self._replicas: dict[Arm, int] = {}
         self._notifier = Notifier(lambda: self._config.notifications)
@@ -110,7 +115,7 @@ class RolloutController:
                     rollout_id_for(self._config),
                     self._config.stable.served_version,
                     self._config.canary.served_version,
-                    self._config.rollout.phases,
+                    self._config.rollout.plan,
                     time.time(),
                     reason,
                 )
@@ -149,7 +154,7 @@ class RolloutController:
     def _publish(self, state: RolloutState) -> None:
         """Make `state` current and its table the one replicas route by."""
         if self._state is not None and state.window != self._state.window:
-            self._last_verdict, self._last_window = None, None
+            self._last_verdict, self._last_window, self._last_pairs = None, None, None
         self._state = state
         self._table = table_for(state, self._config)
         self._changed.set()
@@ -175,7 +180,7 @@ class RolloutController:
         previous, rollout_id, now = self._state, rollout_id_for(new_config), time.time()
         if previous is not None and previous.rollout_id == rollout_id and new_config == self._config:
             return
-        phases, self._config = new_config.rollout.phases, new_config
+        phases, self._config = new_config.rollout.plan, new_config
         if previous is None or previous.rollout_id != rollout_id:
             table_version = 1 if previous is None else previous.table_version + 1
             stable, canary = new_config.stable.served_version, new_config.canary.served_version
@@ -225,9 +230,7 @@ class RolloutController:
                         self._state = None
                         await self._adopt(self._config)
                         return self.status()
-                    return await self._commit(
-                        rollout.recovered(self._current, self._config.rollout.phases, time.time())
-                    )
+                    return await self._commit(rollout.recovered(self._current, self._config.rollout.plan, time.time()))
             return self._publish_status(None)
         if state.terminal:  # nothing to judge; the gauges stay current (also for a restarted collector)
             return self._publish_status(None)
@@ -236,23 +239,28 @@ class RolloutController:
         async with self._transition:
             if self._state is not state:  # an operator command moved the rollout meanwhile
                 return self.status()
-            health, phases = self._config.health, self._config.rollout.phases
+            health, phases = self._config.health, self._config.rollout.plan
             latest, judged_by = self._last_verdict, self._judged_by
             self._judged_by = snapshot.collector
             if latest is not None and judged_by != snapshot.collector:
                 reason = "the metrics collector restarted and lost this window's records; judging a new window"
                 return await self._commit(rollout.reopen_window(state, phases, time.time(), reason, latest=latest))
-            min_requests = phases[state.phase_index].min_requests
-            verdict = judge(
-                window["stable"],
-                window["canary"],
-                health,
-                min_requests,
-                health.alpha,
-                state.evidence,
-                weight=state.weight,
-                window_index=state.window_seq,
-            )
+            phase, shadow = phases[state.phase_index], self._config.rollout.shadow
+            if phase.name == SHADOW_PHASE and shadow is not None:
+                comparisons = [(c.name, c.max_rate) for c in checked(shadow)]
+                verdict = judge_shadow(snapshot.pairs, comparisons, health, phase.min_requests)
+                self._last_pairs = snapshot.pairs
+            else:
+                verdict = judge(
+                    window["stable"],
+                    window["canary"],
+                    health,
+                    phase.min_requests,
+                    health.alpha,
+                    state.evidence,
+                    weight=state.weight,
+                    window_index=state.window_seq,
+                )
             self._last_verdict, self._evaluated_at = verdict, time.time()
             self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}
             new_state = rollout.evaluate(state, verdict, phases, self._evaluated_at, self._config.rollout.auto_rollback)
@@ -276,7 +284,7 @@ class RolloutController:
 
     async def _command(self, transition: Callable[..., RolloutState], *args: Any) -> RolloutStatus:
         async with self._transition:
-            phases, latest = self._config.rollout.phases, self._last_verdict
+            phases, latest = self._config.rollout.plan, self._last_verdict
             return await self._commit(transition(self._current, phases, time.time(), *args, latest=latest))
 
     async def pause(self, reason: str) -> RolloutStatus:
@@ -312,12 +320,13 @@ class RolloutController:
             self._app_name,
             self._config.model_name,
             self._current,
-            self._config.rollout.phases,
+            self._config.rollout.plan,
             self._last_verdict,
             self._last_window,
             self._evaluated_at,
             time.time(),
             self._replicas,
+            self._last_pairs,
         )
 
 

@@ -2,14 +2,17 @@
 
 Per request (`serving.serve_request`): pick the arm from the replica's current RoutingTable (no remote call), relay
 from that arm, fall back to stable if the canary fails before its first token, and append a
-RequestRecord to a local buffer. Two background tasks per replica: a long-poll that swaps in
-new tables, and a flush that ships the buffer to the collector fire-and-forget.
+RequestRecord to a local buffer. In the shadow phase, some of stable's answered requests are
+then asked of the canary too, in a task of their own, and each pair of answers is compared
+(`shadow`). Two background tasks per replica: a long-poll that swaps in new tables, and a
+flush that ships the buffers to the collector fire-and-forget.
 """
 
 import asyncio
 import hmac
 import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -25,7 +28,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from serve_canary import feedback
+from serve_canary import feedback, shadow
 from serve_canary.config import ADMIN_TOKEN_ENV, ArmConfig, CanaryConfig, RequestLimits
 from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
@@ -34,6 +37,7 @@ from serve_canary.openai_api import OpenAIError, parse_json, parse_request
 from serve_canary.rollout import Event, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
 from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
+from serve_canary.shadow import Answer, PairOutcome, ShadowPair
 from serve_canary.status import ReplicaInfo, RolloutStatus
 
 FLUSH_INTERVAL_S = 0.5
@@ -148,6 +152,11 @@ class CanaryIngress:
         self._table: RoutingTable = await self._controller.get_table(-1, 0.0)
         self._table_adopted_at = time.time()
         self._records: list[RequestRecord] = []
+        shadow_config = self._config.rollout.shadow
+        self._comparators = shadow.comparators_for(shadow_config, self._config.health) if shadow_config else {}
+        self._mirror_rate = RateLimit(shadow_config.max_rps if shadow_config else 0.0, time.monotonic())
+        self._pairs: list[PairOutcome] = []
+        self._mirrors: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         self._background = (loop.create_task(self._follow_table()), loop.create_task(self._flush_forever()))
 
@@ -184,6 +193,9 @@ class CanaryIngress:
         if self._records:
             batch, self._records = self._records, []
             self._collector.record.remote(batch)
+        if self._pairs:
+            pairs, self._pairs = self._pairs, []
+            self._collector.pairs.remote(pairs)
 
     # -- the serving path ----------------------------------------------------------------
 
@@ -223,17 +235,19 @@ class CanaryIngress:
             )
         key = self._routing_key(headers, body.get("user") if isinstance(body, dict) else None)
         forced = self._forced_arm(headers, key)
+        table = self._table
         served = await serve_request(
             kind,
             body,
             key,
-            self._table,
+            table,
             self._arms,
             self._record,
             request_id=uuid.uuid4().hex,
             failover=self._config.failover,
             canary_first_item_timeout_s=self._config.canary_first_token_timeout_s,
             forced=forced,
+            capture=self._shadow_of(kind, body, table) if forced is None and self._mirrors_next(table) else None,
         )
         if forced is not None:  # a tester's answer is not rated into the judge
             if served.body is not None:
@@ -251,6 +265,51 @@ class CanaryIngress:
         if served.body is not None:
             served.body["serve_canary"].update(replica=self._replica_id, feedback_token=served.feedback_token)
         return served
+
+    # -- the shadow phase ----------------------------------------------------------------
+
+    def _mirrors_next(self, table: RoutingTable) -> bool:
+        """Whether to mirror the next request: its share of the table's fraction, within max_rps."""
+        return (
+            table.shadow_fraction > 0.0
+            and random.random() < table.shadow_fraction
+            and self._mirror_rate.allow(time.monotonic())
+        )
+
+    def _shadow_of(self, kind: Kind, body: dict[str, Any], table: RoutingTable) -> Callable[[Arm, Answer], None]:
+        """What to do with stable's answer once its user has it: ask the canary in a task of its own."""
+
+        def answered(arm: Arm, answer: Answer) -> None:
+            if arm == "stable":
+                task = asyncio.get_running_loop().create_task(self._mirror(kind, body, answer, table))
+                self._mirrors.add(task)
+                task.add_done_callback(self._mirrors.discard)
+
+        return answered
+
+    async def _mirror(self, kind: Kind, body: dict[str, Any], stable: Answer, table: RoutingTable) -> None:
+        """Ask the canary what stable was asked (unary, marked as shadow) and compare the answers."""
+        unary = {name: value for name, value in body.items() if name not in ("stream", "stream_options")}
+        answers: list[Answer] = []
+        try:
+            await serve_request(
+                kind,
+                unary,
+                None,
+                table,
+                self._arms,
+                self._record,
+                request_id=f"shadow-{uuid.uuid4().hex}",
+                failover=False,
+                forced="canary",
+                origin="shadow",
+                capture=lambda _, answer: answers.append(answer),
+            )
+        except OpenAIError as exc:
+            answers.append(Answer("", None, 0, 0.0, error=f"{exc.status}: {exc.message}"))
+        pair = ShadowPair(body, stable, answers[0])
+        results = await shadow.compare(pair, self._comparators)
+        self._pairs.append(PairOutcome(table.window, results, shadow.example_of(pair, results)))
 
     # -- Python handle API ------------------------------------------------------------------
 
@@ -342,8 +401,13 @@ class CanaryIngress:
         return HTMLResponse(STATUS_PAGE)
 
     @api.get("/-/canary/status")
-    async def http_status(self) -> Response:
-        return Response((await self.status()).model_dump_json(), media_type="application/json")
+    async def http_status(self, request: Request) -> Response:
+        """The status; the shadow phase's example pairs (users' prompts and answers) only with
+        the admin token."""
+        status = await self.status()
+        if status.shadow is not None and not self._is_admin(request.headers):
+            status = status.model_copy(update={"shadow": status.shadow.model_copy(update={"examples": []})})
+        return Response(status.model_dump_json(), media_type="application/json")
 
     @api.get("/-/canary/history")
     async def http_history(self) -> Response:

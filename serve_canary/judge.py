@@ -41,11 +41,13 @@ from serve_canary.config import HealthConfig
 from serve_canary.metrics import ArmAggregate, sorted_quantile
 from serve_canary.sequential import (
     Segment,
+    net_rate_e_value,
     not_worse_than_e_value,
     proportion_bounds,
     quantile_margin,
     ratio_e_value,
 )
+from serve_canary.shadow import ShadowTally
 from serve_canary.units import MEASURES, QUANTILES, UnitTally
 
 Decision = Literal["pass", "wait", "fail"]
@@ -93,7 +95,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hallucination_rate",
         "rate",
-        0.05,
+        0.03,
         allowed_increase=lambda h: h.max_hallucination_increase,
         flagged=lambda u: u.hallucinations,
         gates_promotion=False,
@@ -101,7 +103,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "low_rating_rate",
         "rate",
-        0.05,
+        0.03,
         allowed_increase=lambda h: h.max_low_rating_increase,
         flagged=lambda u: u.low_ratings,
         gates_promotion=False,
@@ -196,14 +198,29 @@ class LimitStats:
 
 
 @dataclass(frozen=True)
+class PairStats:
+    """The evidence behind a shadow comparison of paired answers."""
+
+    e_value: float  # "pairs with the canary worse exceed those with stable worse by more than max_rate"
+    e_threshold: float
+    not_worse_e_value: float  # "... by less than max_rate" (passing the shadow phase at its threshold)
+    not_worse_threshold: float
+    canary_worse: int
+    stable_worse: int
+    pairs: int
+    failed: int  # pairs the comparator raised on (not counted)
+    kind: Literal["pairs"] = "pairs"
+
+
+@dataclass(frozen=True)
 class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: float | None  # the tolerance (canary/stable) or the absolute limit it was held to
+    limit: float | None  # the tolerance (canary/stable), the absolute limit, or a shadow comparator's max_rate
     decision: Decision
     reason: str
-    stats: UnitStats | LimitStats | None = None
+    stats: UnitStats | LimitStats | PairStats | None = None
     segment: Segment = NO_SEGMENT  # this window's contribution to the rollback test
     promotion_segment: Segment = NO_SEGMENT  # and to the promotion test
     alert: bool = False  # both arms are over an absolute limit
@@ -237,6 +254,12 @@ class Verdict:
             if check.promotion_segment != NO_SEGMENT:
                 evidence[check.metric + PROMOTION] = check.promotion_segment
         return evidence
+
+
+# The shadow phase's share of α, split evenly across the comparisons it judges.
+SHADOW_ALPHA_SHARE = 0.04
+# A comparator that fails on more than this share of pairs holds the shadow phase (it is broken).
+MAX_COMPARATOR_FAILURES = 0.1
 
 
 def attempt_e_value(earlier: Sequence[Segment], current: Segment) -> float:
@@ -424,3 +447,60 @@ def judge(
     if waiting:
         return Verdict("wait", "; ".join(f"{c.metric}: {c.reason}" for c in waiting), checks, **counts)
     return Verdict("pass", "every metric shown within its allowed increase", checks, **counts)
+
+
+def _pair_check(name: str, max_rate: float, tally: ShadowTally, alpha: float, promotion_alpha: float) -> MetricCheck:
+    counts = tally.comparators.get(name)
+    metric = f"shadow_{name}"
+    if counts is None or counts.pairs == 0:
+        return MetricCheck(metric, None, None, max_rate, "wait", "no pairs compared yet")
+    pairs = counts.pairs
+    rollback_e = net_rate_e_value(counts.canary_worse, counts.stable_worse, pairs, max_rate, "above")
+    promotion_e = net_rate_e_value(counts.canary_worse, counts.stable_worse, pairs, max_rate, "below")
+    stats = PairStats(
+        rollback_e,
+        1.0 / alpha,
+        promotion_e,
+        1.0 / promotion_alpha,
+        counts.canary_worse,
+        counts.stable_worse,
+        pairs,
+        counts.failed,
+    )
+    rates = (counts.stable_worse / pairs, counts.canary_worse / pairs)
+
+    def check(decision: Decision, reason: str) -> MetricCheck:
+        return MetricCheck(metric, *rates, max_rate, decision, reason, stats)
+
+    shown = (
+        f"canary's answer worse in {counts.canary_worse}/{pairs} pairs, stable's in {counts.stable_worse}/{pairs}; "
+        f"allowed {max_rate:.0%} more"
+    )
+    if rollback_e >= 1.0 / alpha:
+        return check("fail", f"{metric}: canary's answers worse ({shown}; e-value {rollback_e:.3g})")
+    if counts.failed > MAX_COMPARATOR_FAILURES * (pairs + counts.failed):
+        return check("wait", f"the comparator failed on {counts.failed} of {pairs + counts.failed} pairs")
+    if promotion_e >= 1.0 / promotion_alpha:
+        return check("pass", f"canary's answers shown not worse ({shown}; e-value {promotion_e:.3g})")
+    return check("wait", f"not yet shown not worse ({shown}; e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g})")
+
+
+def judge_shadow(
+    tally: ShadowTally, comparisons: Sequence[tuple[str, float]], health: HealthConfig, min_pairs: int
+) -> Verdict:
+    """Judge the shadow phase's pairs: per comparison (name, max_rate), FAIL when pairs with the
+    canary's answer worse outnumber those with stable's by more than max_rate with confidence
+    (its share of `SHADOW_ALPHA_SHARE` × α), PASS when every comparison is shown within it
+    after `min_pairs` pairs, else WAIT."""
+    alpha = health.alpha * SHADOW_ALPHA_SHARE / max(len(comparisons), 1)
+    checks = tuple(_pair_check(name, rate, tally, alpha, health.promotion_alpha) for name, rate in comparisons)
+    counts = dict(stable_requests=tally.pairs, canary_requests=tally.pairs)
+    failed = [check for check in checks if check.decision == "fail"]
+    if failed:
+        return Verdict("fail", "; ".join(check.reason for check in failed), checks, **counts)
+    if tally.pairs < min_pairs:
+        return Verdict("wait", f"waiting for shadow pairs: {tally.pairs}/{min_pairs}", checks, **counts)
+    waiting = [check for check in checks if check.decision == "wait"]
+    if waiting:
+        return Verdict("wait", "; ".join(f"{c.metric}: {c.reason}" for c in waiting), checks, **counts)
+    return Verdict("pass", "every shadow comparison shown not worse", checks, **counts)

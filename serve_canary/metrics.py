@@ -18,13 +18,17 @@ import math
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel
 
 from serve_canary.routing import ARMS, Arm
+from serve_canary.shadow import PairOutcome, ShadowTally
 from serve_canary.units import MEASURES, QUANTILES, UnitTally
 
+# Who asked: a user (judged), a tester picking an arm (`x-serve-canary-force`), or the ingress
+# mirroring a request to the canary in the shadow phase (judged as pairs, `shadow`).
+Origin = Literal["user", "tester", "shadow"]
 RESERVOIR_SIZE = 4096
 WINDOW_CAPACITY = 4
 
@@ -46,7 +50,7 @@ class RequestRecord(NamedTuple):
     e2e_s: float
     prompt_tokens: int
     output_tokens: int
-    forced: bool = False  # a tester picked the arm (`x-serve-canary-force`): shown, never judged
+    origin: Origin = "user"  # a tester's pick of arm, or a mirrored request: shown, never judged
 
 
 class Reservoir:
@@ -254,6 +258,7 @@ class MetricsLedger:
 
     def __init__(self, window_capacity: int = WINDOW_CAPACITY) -> None:
         self._windows: OrderedDict[str, dict[Arm, ArmAggregate]] = OrderedDict()
+        self._pairs: OrderedDict[str, ShadowTally] = OrderedDict()
         self._window_capacity = window_capacity
 
     def window(self, window: str) -> dict[Arm, ArmAggregate]:
@@ -274,7 +279,7 @@ class MetricsLedger:
 
     def add(self, records: list[RequestRecord]) -> None:
         for record in records:
-            if record.forced:
+            if record.origin != "user":
                 continue
             arms = self._writable(record.window)
             arms[record.arm].add(record)
@@ -292,3 +297,16 @@ class MetricsLedger:
     ) -> None:
         """Count feedback in the window that served the request (also before its record arrives)."""
         self._writable(window)[arm].add_feedback(unit, rating, hallucination, low_rating)
+
+    def add_pairs(self, outcomes: list[PairOutcome]) -> None:
+        """Count compared shadow pairs in the window they were mirrored in."""
+        for outcome in outcomes:
+            if outcome.window not in self._pairs:
+                self._pairs[outcome.window] = ShadowTally()
+                while len(self._pairs) > self._window_capacity:
+                    self._pairs.popitem(last=False)
+            self._pairs[outcome.window].add([outcome])
+
+    def pairs(self, window: str) -> ShadowTally:
+        """The window's compared pairs (an empty tally if none)."""
+        return self._pairs.get(window) or ShadowTally()

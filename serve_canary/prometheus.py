@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from serve_canary.judge import UnitStats
+from serve_canary.judge import PairStats, UnitStats
 from serve_canary.metrics import RequestRecord
 from serve_canary.rollout import STATUSES, Event
+from serve_canary.shadow import PairOutcome
 from serve_canary.status import RolloutStatus
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py).
@@ -106,6 +107,18 @@ class PrometheusExporter:
             (*ARM_LABELS, "outcome"),
             registry=registry,
         )
+        self.shadow_requests = Counter(
+            "serve_canary_shadow_requests",
+            "Requests mirrored to the canary in the shadow phase: judged as pairs, not as requests.",
+            (*ARM_LABELS, "outcome"),
+            registry=registry,
+        )
+        self.shadow_pairs = Counter(
+            "serve_canary_shadow_pairs",
+            "Compared shadow pairs per comparator, by which answer was worse (canary, stable, same, failed).",
+            ("model", "comparator", "worse"),
+            registry=registry,
+        )
         self.ttft = Histogram(
             "serve_canary_time_to_first_token_seconds",
             "Time to first token, as the ingress saw it.",
@@ -193,8 +206,9 @@ class PrometheusExporter:
     def record(self, records: list[RequestRecord]) -> None:
         for r in records:
             labels = (self.model, r.arm, r.version)
-            if r.forced:
-                self.forced_requests.labels(*labels, r.outcome).inc()
+            if r.origin != "user":
+                counter = self.forced_requests if r.origin == "tester" else self.shadow_requests
+                counter.labels(*labels, r.outcome).inc()
                 continue
             self.requests.labels(*labels, r.outcome, r.error_kind or "").inc()
             self.prompt_tokens.labels(*labels).inc(r.prompt_tokens)
@@ -206,6 +220,11 @@ class PrometheusExporter:
             if r.itl_s is not None:
                 self.itl.labels(*labels).observe(r.itl_s)
             self.e2e.labels(*labels).observe(r.e2e_s)
+
+    def pairs(self, outcomes: list[PairOutcome]) -> None:
+        for outcome in outcomes:
+            for comparator, worse in outcome.results.items():
+                self.shadow_pairs.labels(self.model, comparator, worse).inc()
 
     def feedback(self, arm: str, version: str, rating: float | None, hallucination: bool | None) -> None:
         labels = (self.model, arm, version)
@@ -233,7 +252,7 @@ class PrometheusExporter:
         if verdict is not None:
             self.judge_decision.labels(self.model).set(DECISION_VALUES[verdict.decision])
             for check in verdict.checks:
-                if isinstance(check.stats, UnitStats):
+                if isinstance(check.stats, UnitStats | PairStats):
                     self.judge_e_value.labels(self.model, check.metric).set(check.stats.e_value)
                 if check.stats is not None and check.stats.kind == "limit":
                     self.slo_alert.labels(self.model, check.metric).set(1.0 if check.alert else 0.0)

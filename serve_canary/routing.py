@@ -31,6 +31,7 @@ class RoutingTable:
     canary_version: str
     phase: str
     status: str
+    shadow_fraction: float = 0.0  # the share of requests mirrored to the canary (the shadow phase)
     _threshold: int = field(init=False, repr=False, compare=False)
     _hasher: hashlib._Hash = field(init=False, repr=False, compare=False)
 

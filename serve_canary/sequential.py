@@ -10,6 +10,8 @@ null, so by Ville's inequality P(it ever reaches 1/α) ≤ α, however often it 
   the likelihood ratio against ρ = 1 is mixed over a grid of ρ > 1.
 - `not_worse_than_e_value`: the dual, against "at least T× worse", for promotion.
 - `proportion_bounds`: a confidence sequence for a Bernoulli rate (beta-binomial mixture).
+- `net_rate_e_value`: for paired answers (shadow traffic), is the share of pairs with the
+  canary's answer worse above (or below) the share with stable's plus a limit? A betting test.
 - `quantile_margin`: a time-uniform bound on an empirical CDF value at a quantile level, for
   quantile bounds.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 # Alternatives ρ > 1 and their prior weights: most mass on the regressions worth catching
 # (1.5–3×), some on catastrophes (a broken canary against a clean stable).
@@ -112,6 +115,34 @@ def proportion_bounds(successes: float, trials: float, alpha: float) -> tuple[fl
     lower = 0.0 if inside(1e-12) else edge(1e-12, center)
     upper = 1.0 if inside(1.0 - 1e-12) else edge(1.0 - 1e-12, center)
     return lower, upper
+
+
+# Bets as fractions of the largest safe one; most pairs of an unchanged canary are ties, which
+# only the larger bets turn into evidence quickly.
+NET_RATE_BETS = (0.3, 0.6, 0.9)
+
+
+def net_rate_e_value(worse: int, better: int, pairs: int, limit: float, side: Literal["above", "below"]) -> float:
+    """E-value against "E[X] ≤ limit" (`side="above"`: evidence that it is above) or against
+    "E[X] ≥ limit" (`"below"`), X being +1 for a pair with the canary's answer worse, −1 with
+    stable's, 0 for a tie.
+
+    For each bet λ the capital ∏ (1 + λ·(X − limit)) (or with limit − X) is a nonnegative
+    supermartingale under the null (Waudby-Smith & Ramdas' betting confidence sequences with a
+    constant bet); their average is one too. The product depends only on the counts.
+    """
+    ties = pairs - worse - better
+    sign = 1.0 if side == "above" else -1.0
+    gains = (sign * (1.0 - limit), sign * (-1.0 - limit), sign * -limit)  # worse, better, tie
+    largest = 1.0 / (1.0 + limit) if side == "above" else 1.0 / (1.0 - limit)
+    log_terms = []
+    for fraction in NET_RATE_BETS:
+        bet = fraction * largest
+        log_terms.append(
+            -math.log(len(NET_RATE_BETS))
+            + sum(n * math.log1p(bet * gain) for n, gain in zip((worse, better, ties), gains, strict=True) if n)
+        )
+    return math.exp(min(_logsumexp(log_terms), 700.0))
 
 
 def quantile_margin(n: int, level: float, alpha: float) -> float:

@@ -24,12 +24,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from serve_canary.metrics import RequestRecord
+from serve_canary.metrics import Origin, RequestRecord
 from serve_canary.openai_api import Envelope, OpenAIError, validation_error
 from serve_canary.routing import Arm, RoutingTable
+from serve_canary.shadow import Answer
 
 Kind = Literal["chat", "completions"]
 RecordSink = Callable[[RequestRecord], None]
+AnswerSink = Callable[[Arm, Answer], None]  # a finished (not cancelled) answer, whole
 ERROR_EVENT_PREFIX = 'data: {"error"'
 DONE_EVENT = "data: [DONE]"
 # A finish reason that means the engine failed, or the model degenerated into repetition.
@@ -97,7 +99,7 @@ class _Attempt:
     ) -> None:
         self.request_id, self.table, self.arm, self.unit, self.clock = request_id, table, arm, unit, clock
         self.failed_over = False  # stable answering a canary request that failed: not stable's request
-        self.forced = False
+        self.origin: Origin = "user"
         self.started = clock()
         self.first_at: float | None = None
         self.last_at = self.started
@@ -129,7 +131,7 @@ class _Attempt:
             now - self.started,
             prompt_tokens,
             output_tokens,
-            self.forced,
+            self.origin,
         )
 
 
@@ -195,6 +197,8 @@ async def serve_request(
     failover: bool,
     canary_first_item_timeout_s: float | None = None,
     forced: Arm | None = None,
+    origin: Literal["tester", "shadow"] = "tester",
+    capture: AnswerSink | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Served:
     """Route `body` by `key`, call the arm and wait for its first item.
@@ -205,7 +209,9 @@ async def serve_request(
     engine: error kind `unavailable`), so its users never stall behind it. A 4xx from an arm
     is the client's error: it is raised as such, never failed over, never held against the
     arm (recorded as `rejected`). A `forced` arm (a tester's pick) serves the request whatever
-    the table says, without failover, and its record is marked so the judge never reads it.
+    the table says, without failover, and its record is marked with `origin` (a tester's pick,
+    or a shadow request) so the judge never reads it. `capture`, if given, receives the whole
+    answer when it is finished (the text of a stream is kept only then).
     """
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -219,7 +225,8 @@ async def serve_request(
         endpoint = arms[arm]
         request = endpoint.request(kind, body, request_id, envelope.stream)
         attempt = _Attempt(f"{RESPONSE_ID_PREFIX[kind]}-{request_id}", table, arm, unit, clock)
-        attempt.failed_over, attempt.forced = failed_over, forced is not None
+        attempt.failed_over = failed_over
+        attempt.origin = "user" if forced is None else origin
         stream = endpoint.open(kind, request)
         can_fail_over = arm == "canary" and failover and forced is None
         timeout_s = canary_first_item_timeout_s if can_fail_over else None
@@ -249,34 +256,77 @@ async def serve_request(
             502, f"model version {endpoint.version} failed before its first token: {message}", "server_error"
         )
     if not envelope.stream:
-        body = _unary(first, endpoint, attempt, record)
+        body = _unary(first, endpoint, attempt, record, capture)
         # Drain, not close: the end of a one-item stream is already on its way, and closing it
         # early would cost a cancellation message per request.
         async for _ in stream:
             pass
         return Served(arm, endpoint.version, attempt.request_id, table.window, unit, body=body)
-    relayed = _relay(first, stream, attempt, record, envelope.include_usage)
+    relayed = _relay(first, stream, attempt, record, envelope.include_usage, capture)
     return Served(arm, endpoint.version, attempt.request_id, table.window, unit, stream=relayed)
 
 
-def _unary(response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink) -> dict[str, Any]:
+def _answer(finished: RequestRecord, text: str, finish: str | None) -> Answer:
+    error = None if finished.outcome in ("ok", "failover") else f"{finished.outcome}: {finished.error_kind}"
+    return Answer(text, finish, finished.output_tokens, finished.e2e_s, error)
+
+
+def _choice_text(choice: Any) -> str:
+    """The text of a choice, a chunk's choice or a whole one, chat or completion."""
+    if not isinstance(choice, dict):
+        return ""
+    part = choice.get("delta") or choice.get("message")
+    text = part.get("content") if isinstance(part, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def stream_text(items: list[str]) -> str:
+    """The first choice's text, put together from a stream's SSE items."""
+    parts = []
+    for block in items:
+        for line in block.split("\n"):
+            if not line.startswith("data: {"):
+                continue
+            try:
+                chunk = json.loads(line[6:])
+            except json.JSONDecodeError:
+                continue
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if isinstance(choices, list) and choices:
+                parts.append(_choice_text(choices[0]))
+    return "".join(parts)
+
+
+def _unary(
+    response: Any, endpoint: ArmEndpoint, attempt: _Attempt, record: RecordSink, capture: AnswerSink | None
+) -> dict[str, Any]:
     body: dict[str, Any] = response.model_dump(mode="json") if hasattr(response, "model_dump") else dict(response)
     tokens = body.get("usage") or {}
-    outcome, error_kind = _outcome(_finish_reasons(body.get("choices")))
-    record(
-        attempt.record(
-            outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0)
-        )
+    reasons = _finish_reasons(body.get("choices"))
+    outcome, error_kind = _outcome(reasons)
+    finished = attempt.record(
+        outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0)
     )
+    record(finished)
+    if capture is not None:
+        choices = body.get("choices")
+        text = _choice_text(choices[0]) if isinstance(choices, list) and choices else ""
+        capture(endpoint.name, _answer(finished, text, reasons[0] if reasons else None))
     body["serve_canary"] = {"arm": endpoint.name, "version": endpoint.version, "table_version": attempt.table.version}
     return body
 
 
 async def _relay(
-    first: list[Any], stream: AsyncIterator[list[Any]], attempt: _Attempt, record: RecordSink, include_usage: bool
+    first: list[Any],
+    stream: AsyncIterator[list[Any]],
+    attempt: _Attempt,
+    record: RecordSink,
+    include_usage: bool,
+    capture: AnswerSink | None,
 ) -> AsyncIterator[str]:
     """Yield each batch as one SSE block; record the stream when it ends, however it ends."""
     tail = _StreamTail()
+    kept: list[str] = []  # every item, only for a captured answer
     received = 0
     finished = False
     outcome, error_kind = "ok", None
@@ -293,6 +343,8 @@ async def _relay(
                 items.append(item)
             received += len(items)
             tail.items.extend(items[-3:])
+            if capture is not None:
+                kept.extend(items)
             if not include_usage:
                 items = items[:-2] + [item for item in items[-2:] if not _is_usage_only(item)]
             if items:
@@ -316,4 +368,7 @@ async def _relay(
                 outcome, completion = "cancelled", completion or received
         elif outcome == "ok":
             outcome, error_kind = _outcome([finish] if finish else [])
-        record(attempt.record(outcome, error_kind, prompt, completion))
+        finished_record = attempt.record(outcome, error_kind, prompt, completion)
+        record(finished_record)
+        if capture is not None and finished:
+            capture(attempt.arm, _answer(finished_record, stream_text(kept), finish))

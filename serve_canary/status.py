@@ -17,6 +17,7 @@ from serve_canary.judge import Verdict
 from serve_canary.metrics import ArmSummary
 from serve_canary.rollout import Event, RolloutState, Status, waiting_for
 from serve_canary.routing import Arm
+from serve_canary.shadow import ShadowTally
 
 RECENT_EVENTS = 20
 OVERLOAD = 1.25  # a canary replica taking this much more traffic than a stable one is a finding
@@ -55,6 +56,7 @@ class RolloutStatus(BaseModel):
     arms: dict[Arm, ArmSummary] | None  # the current window, as last judged
     events: tuple[Event, ...]  # the most recent, oldest first
     capacity: str | None = None  # a canary arm too small for its weight, and what to scale
+    shadow: ShadowTally | None = None  # the shadow phase's compared pairs, as last judged
     replica: ReplicaInfo | None = None
 
 
@@ -88,6 +90,7 @@ def describe(
     evaluated_at: float | None,
     now: float,
     replicas: Mapping[Arm, int] | None = None,
+    shadow: ShadowTally | None = None,
 ) -> RolloutStatus:
     """The status of `state` under `phases`, with the latest verdict on its current window."""
     return RolloutStatus(
@@ -111,4 +114,5 @@ def describe(
         arms=arms,
         events=state.events[-RECENT_EVENTS:],
         capacity=capacity_finding(state.weight, replicas) if replicas else None,
+        shadow=shadow,
     )

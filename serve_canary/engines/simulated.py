@@ -10,6 +10,7 @@ benchmarks and the local demo use it to make healthy and unhealthy canaries.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,14 @@ def count_prompt_tokens(request: ChatCompletionRequest | CompletionRequest) -> i
         assert isinstance(request.prompt, str)
         return len(request.prompt.split())
     return sum(len(m.text().split()) + 1 for m in request.messages)
+
+
+def prompt_position(request: ChatCompletionRequest | CompletionRequest) -> float:
+    """Where the prompt falls in [0, 1): the same prompt always at the same place, as a model
+    at temperature 0 answers the same prompt the same way."""
+    text = request.prompt if isinstance(request, CompletionRequest) else [m.text() for m in request.messages]
+    digest = hashlib.blake2b(repr(text).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _engine_error(message: str) -> ErrorResponse:
@@ -81,7 +90,11 @@ class SimulatedEngine:
             return
         total = min(args.output_tokens, limit or args.output_tokens)
         finish = "length" if total < args.output_tokens else "stop"
-        words = [_WORDS[i % len(_WORDS)] for i in range(total)]
+        position = prompt_position(request)
+        shift = 1 if 0.0 <= position - args.empty_answer_rate < args.different_answer_rate else 0
+        words = [_WORDS[(i + shift) % len(_WORDS)] for i in range(total)]
+        if position < args.empty_answer_rate:  # one token, the end of the answer, and no text
+            total, finish, words = 1, "stop", [""]
         prefix = "chatcmpl" if chat else "cmpl"
         envelope = {
             "id": f"{prefix}-{request.request_id}",

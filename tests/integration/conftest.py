@@ -236,13 +236,15 @@ def delete_app(name: str) -> None:
 def background_traffic(
     app: App, users: int = 10_000, concurrency: int = 24, body: dict[str, Any] | None = None
 ) -> Iterator[Counter[str]]:
-    """Chat requests from random users until the block exits; yields a live count of outcomes."""
+    """Chat requests from random users, each with a prompt of its own (`body` sets other
+    fields), until the block exits; yields a live count of outcomes."""
     stop = threading.Event()
     outcomes: Counter[str] = Counter()
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not stop.is_set():
-            payload = body or {"model": app.model, "messages": [{"role": "user", "content": "hi"}]}
+            prompt = [{"role": "user", "content": f"hi {random.randrange(1 << 30)}"}]
+            payload = {"model": app.model, "messages": prompt, **(body or {})}
             try:
                 response = await client.post(
                     "/v1/chat/completions", json=payload, headers={"x-user-id": f"u{random.randrange(users)}"}

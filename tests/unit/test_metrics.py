@@ -105,5 +105,5 @@ def test_the_ledger_keeps_only_the_latest_windows_and_reading_creates_none():
 
 def test_a_testers_forced_request_is_never_judged():
     ledger = MetricsLedger()
-    ledger.add([record("a", outcome="error")._replace(forced=True)])
+    ledger.add([record("a", outcome="error")._replace(origin="tester")])
     assert ledger.windows == []

@@ -188,7 +188,7 @@ async def test_a_forced_arm_serves_whatever_the_weight_without_failover_and_is_m
         "chat", chat(), "qa", table(0.0), arms(), records.append, request_id="f", failover=True, forced="canary"
     )
     assert (served.arm, served.unit) == ("canary", None)
-    assert [(r.arm, r.outcome, r.forced) for r in records] == [("canary", "ok", True)]
+    assert [(r.arm, r.outcome, r.origin) for r in records] == [("canary", "ok", "tester")]
     with pytest.raises(OpenAIError) as failed:  # a tester sees the canary's failure, not stable's answer
         await serve_request(
             "chat",
@@ -201,4 +201,4 @@ async def test_a_forced_arm_serves_whatever_the_weight_without_failover_and_is_m
             failover=True,
             forced="canary",
         )
-    assert failed.value.status == 502 and records[-1].forced
+    assert failed.value.status == 502 and records[-1].origin == "tester"
