@@ -133,6 +133,13 @@ async def http_trial(
     return await _measure(streams, open_stream, _token_events, app)
 
 
+async def failovers(http: httpx.AsyncClient, port: int) -> float:
+    """serve-canary's requests answered by stable after the canary failed, so far (Prometheus)."""
+    text = (await http.get(f"http://127.0.0.1:{port}/canary/metrics")).text
+    lines = (line for line in text.splitlines() if line.startswith("serve_canary_requests_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'outcome="failover"' in line)
+
+
 async def handle_trial(app: str, method: str, streams: int) -> dict:
     """Through an ingress by its Python handle (no proxy, no HTTP client): the ingress's own cost."""
     handle = getattr(serve.get_app_handle(app).options(stream=True), method)
@@ -181,9 +188,13 @@ async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals:
                 for _ in range(trials):
                     runs["direct"].append(await direct_trial(streams))
                     runs["handle/baseline"].append(await handle_trial("baseline", "stream_completions", streams))
+                    before = await failovers(http, port)
                     runs["handle/serve-canary"].append(await handle_trial("canary", "completions", streams))
+                    runs["handle/serve-canary"][-1]["failovers"] = await failovers(http, port) - before
                     runs["http/baseline"].append(await http_trial(http, port, "baseline", "baseline", streams))
+                    before = await failovers(http, port)
                     runs["http/serve-canary"].append(await http_trial(http, port, "canary", "canary", streams))
+                    runs["http/serve-canary"][-1]["failovers"] = await failovers(http, port) - before
                 paths = {name: _median(r) for name, r in runs.items()}
                 direct = paths["direct"]["tokens_per_s"]
                 ratios = {
@@ -284,6 +295,7 @@ def main() -> None:
         "--intervals", default=f"0,{DEFAULT_INTERVAL_MS:g}", help="stream_batching_interval_ms values, comma-separated"
     )
     parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
+    parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated")
     args = parser.parse_args()
     port = start_local_serve()
     trials = 1 if args.quick else args.trials
@@ -292,7 +304,8 @@ def main() -> None:
             results = asyncio.run(run_vllm(port, (4,) if args.quick else (8, 32), trials))
         else:
             intervals = tuple(float(ms) for ms in args.intervals.split(","))
-            results = asyncio.run(run(port, (8,) if args.quick else (64, 256), trials, intervals))
+            streams = (8,) if args.quick else tuple(int(n) for n in args.streams.split(","))
+            results = asyncio.run(run(port, streams, trials, intervals))
     finally:
         serve.shutdown()
         ray.shutdown()

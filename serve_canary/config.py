@@ -119,6 +119,10 @@ SHADOW_PHASE = "shadow"
 BUILTIN_COMPARATORS = ("error", "latency", "empty_or_refusal", "length_ratio", "finish_reason", "exact_match")
 
 
+# A comparator's max_rate when none is given: failures and empty answers are tolerated least.
+STRICT_COMPARATORS = {"error": 0.02, "empty_or_refusal": 0.02}
+
+
 class ComparatorConfig(_Schema):
     """One comparison of paired answers: a built-in, or a function given by import path."""
 
@@ -130,8 +134,16 @@ class ComparatorConfig(_Schema):
         default=0.05,
         gt=0.0,
         lt=1.0,
-        description="how much larger the share of pairs with the canary's answer worse may be than with stable's",
+        description="how much larger the share of pairs with the canary's answer worse may be than with stable's "
+        f"(default 0.05; {', '.join(f'{k} {v:g}' for k, v in STRICT_COMPARATORS.items())})",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_default(cls, given: Any) -> Any:
+        if isinstance(given, dict) and "max_rate" not in given and given.get("name") in STRICT_COMPARATORS:
+            return {**given, "max_rate": STRICT_COMPARATORS[given["name"]]}
+        return given
 
     @field_validator("name")
     @classmethod
@@ -142,7 +154,7 @@ class ComparatorConfig(_Schema):
 
 
 DEFAULT_COMPARATORS = (
-    ComparatorConfig(name="empty_or_refusal", max_rate=0.02),
+    ComparatorConfig(name="empty_or_refusal"),
     ComparatorConfig(name="length_ratio"),
     ComparatorConfig(name="finish_reason"),
 )
@@ -302,7 +314,10 @@ class CanaryConfig(_Schema):
     canary_first_token_timeout_s: float = Field(
         default=5.0,
         gt=0.0,
-        description="with failover, a canary without a first token by then is left for stable (as `unavailable`)",
+        description=(
+            "with failover, a canary without a first token by then is left for stable (as `unavailable`); "
+            "longer while stable's own first tokens are slow (a loaded cluster)"
+        ),
     )
     feedback: FeedbackConfig = FeedbackConfig()
     limits: RequestLimits = RequestLimits()

@@ -36,7 +36,7 @@ from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_json, parse_request
 from serve_canary.rollout import Event, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
-from serve_canary.serving import ArmEndpoint, Kind, Served, failure_message, serve_request
+from serve_canary.serving import ArmEndpoint, FirstItemDeadline, Kind, Served, failure_message, serve_request
 from serve_canary.shadow import Answer, PairOutcome, ShadowPair
 from serve_canary.status import ReplicaInfo, RolloutStatus
 
@@ -152,6 +152,7 @@ class CanaryIngress:
         self._table: RoutingTable = await self._controller.get_table(-1, 0.0)
         self._table_adopted_at = time.time()
         self._records: list[RequestRecord] = []
+        self._canary_deadline = FirstItemDeadline(self._config.canary_first_token_timeout_s)
         shadow_config = self._config.rollout.shadow
         self._comparators = shadow.comparators_for(shadow_config, self._config.health) if shadow_config else {}
         self._mirror_rate = RateLimit(shadow_config.max_rps if shadow_config else 0.0, time.monotonic())
@@ -188,6 +189,8 @@ class CanaryIngress:
     def _record(self, record: RequestRecord) -> None:
         # Not `self._records.append`: a stream ends after flushes have swapped the list.
         self._records.append(record)
+        if record.arm == "stable" and record.ttft_s is not None:
+            self._canary_deadline.observe(record.ttft_s)
 
     def _flush(self) -> None:
         if self._records:
@@ -245,7 +248,7 @@ class CanaryIngress:
             self._record,
             request_id=uuid.uuid4().hex,
             failover=self._config.failover,
-            canary_first_item_timeout_s=self._config.canary_first_token_timeout_s,
+            canary_first_item_timeout_s=self._canary_deadline.seconds,
             forced=forced,
             capture=self._shadow_of(kind, body, table) if forced is None and self._mirrors_next(table) else None,
         )

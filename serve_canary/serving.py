@@ -76,6 +76,37 @@ class Served:
     feedback_token: str = ""  # set by the ingress
 
 
+class FirstItemDeadline:
+    """How long to wait for the canary's first item before leaving its request to stable: the
+    configured floor, or longer while stable itself is slow to answer.
+
+    A loaded cluster slows both arms. Failing a canary request over for a wait that stable
+    would have made its user wait too helps no one, adds a second request to the load, and
+    counts load as the canary's error. So the deadline follows stable's recent first-item
+    times as TCP's retransmission timer follows round trips (Jacobson/Karels, RFC 6298): a
+    smoothed time plus four smoothed deviations, never below the floor.
+    """
+
+    def __init__(self, floor_s: float) -> None:
+        self.floor_s = floor_s
+        self._smoothed: float | None = None
+        self._deviation = 0.0
+
+    def observe(self, first_item_s: float) -> None:
+        """Stable answered its first item after `first_item_s`."""
+        if self._smoothed is None:
+            self._smoothed, self._deviation = first_item_s, first_item_s / 2.0
+            return
+        self._deviation += (abs(self._smoothed - first_item_s) - self._deviation) / 4.0
+        self._smoothed += (first_item_s - self._smoothed) / 8.0
+
+    @property
+    def seconds(self) -> float:
+        if self._smoothed is None:
+            return self.floor_s
+        return max(self.floor_s, self._smoothed + 4.0 * self._deviation)
+
+
 def _error_of(item: Any) -> tuple[int, str] | None:
     """(status, message) when `item` is an `ErrorResponse` (vLLM's, Ray's or ours)."""
     error = getattr(item, "error", None)

@@ -38,7 +38,7 @@ EXAMPLE_CHARS = 200
 REFUSALS = ("i can't", "i cannot", "i'm sorry", "i am sorry", "i'm unable", "i am unable", "as an ai")
 LONGER = 1.5  # `length_ratio`: an answer this many times as long as the other's is the worse one
 # Health is compared in every shadow phase, whatever comparators are configured.
-HEALTH = (ComparatorConfig(name="error", max_rate=0.02), ComparatorConfig(name="latency", max_rate=0.05))
+HEALTH = (ComparatorConfig(name="error"), ComparatorConfig(name="latency"))
 logger = logging.getLogger("serve_canary.shadow")
 
 

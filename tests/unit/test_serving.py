@@ -202,3 +202,19 @@ async def test_a_forced_arm_serves_whatever_the_weight_without_failover_and_is_m
             forced="canary",
         )
     assert failed.value.status == 502 and records[-1].origin == "tester"
+
+
+def test_the_canarys_first_item_deadline_is_the_floor_until_stable_itself_is_slow():
+    from serve_canary.serving import FirstItemDeadline
+
+    deadline = FirstItemDeadline(floor_s=1.0)
+    assert deadline.seconds == 1.0
+    for _ in range(50):
+        deadline.observe(0.05)  # a healthy stable: the floor holds
+    assert deadline.seconds == 1.0
+    for _ in range(50):
+        deadline.observe(3.0)  # the cluster is loaded: stable's users wait 3 s for a first token
+    assert deadline.seconds > 3.0
+    for _ in range(100):
+        deadline.observe(0.05)  # and back
+    assert deadline.seconds == 1.0
