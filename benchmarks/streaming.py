@@ -28,7 +28,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +140,14 @@ async def failovers(http: httpx.AsyncClient, port: int) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'outcome="failover"' in line)
 
 
-async def handle_trial(app: str, method: str, streams: int) -> dict:
+async def handle_trial(app: str, method: str, streams: int, vllm: bool = False) -> dict:
     """Through an ingress by its Python handle (no proxy, no HTTP client): the ingress's own cost."""
     handle = getattr(serve.get_app_handle(app).options(stream=True), method)
-    return await _measure(streams, lambda i: handle.remote(body(i, True, TOKENS)), _token_events, app)
+
+    def payload(i: int) -> dict:
+        return {**body(i, True, TOKENS), "ignore_eos": True} if vllm else body(i, True, TOKENS)
+
+    return await _measure(streams, lambda i: handle.remote(payload(i)), _token_events, app)
 
 
 async def direct_trial(streams: int, app: str = "baseline", request: Any = None) -> dict:
@@ -166,10 +170,55 @@ def _median(trials: list[dict]) -> dict:
     return out
 
 
-async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals: tuple[float, ...]) -> dict:
-    results: dict[str, Any] = {}
+async def http_trial_fresh(port: int, app: str, streams: int, vllm: bool = False) -> dict:
+    """An HTTP trial on new connections: after a trial of hundreds of streams, reusing its
+    kept-alive connections slowed whatever ran next over them (TTFT p50 ~1.2 s → ~5 s for the
+    pass-through baseline and serve-canary alike), so no trial inherits another's."""
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120.0, limits=limits) as http:
+        return await http_trial(http, port, app, app, streams, vllm)
+
+
+Trial = Callable[[], Awaitable[dict]]
+
+
+def simulated_paths(http: httpx.AsyncClient, port: int, streams: int) -> dict[str, Trial]:
+    async def serve_canary(trial: Trial) -> dict:
+        before = await failovers(http, port)
+        measured = await trial()
+        return {**measured, "failovers": await failovers(http, port) - before}
+
+    return {
+        "direct": lambda: direct_trial(streams),
+        "handle/baseline": lambda: handle_trial("baseline", "stream_completions", streams),
+        "handle/serve-canary": lambda: serve_canary(lambda: handle_trial("canary", "completions", streams)),
+        "http/baseline": lambda: http_trial_fresh(port, "baseline", streams),
+        "http/serve-canary": lambda: serve_canary(lambda: http_trial_fresh(port, "canary", streams)),
+    }
+
+
+def vllm_paths(port: int, request: Any, streams: int) -> dict[str, Trial]:
+    return {
+        "direct": lambda: direct_trial(streams, "vllm", request),
+        "handle/serve-canary": lambda: handle_trial("vllm", "completions", streams, vllm=True),
+        "http/serve-canary": lambda: http_trial_fresh(port, "vllm", streams, vllm=True),
+    }
+
+
+async def rotated(paths: dict[str, Trial], trials: int) -> dict[str, dict]:
+    """Each path's median over `trials`, each trial in another order: no path always runs
+    right after another (what a path leaves behind, e.g. a loaded proxy, falls on all)."""
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    order = list(paths)
+    for trial in range(trials):
+        for name in order[trial % len(order) :] + order[: trial % len(order)]:
+            runs[name].append(await paths[name]())
+    return {name: _median(r) for name, r in runs.items()}
+
+
+async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals: tuple[float, ...]) -> dict:
+    results: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=30.0) as http:  # for /metrics
         for interval in intervals:
             engine = {
                 "ttft_ms": 0,
@@ -179,30 +228,18 @@ async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals:
                 "stream_batching_interval_ms": interval,
             }
             await asyncio.to_thread(deploy, port, engine, 1)
-            await http_trial(http, port, "baseline", "baseline", 8)  # warm-up
-            await http_trial(http, port, "canary", "canary", 8)
+            await http_trial_fresh(port, "baseline", 8)  # warm-up
+            await http_trial_fresh(port, "canary", 8)
             label = "batching_off" if interval == 0 else f"batching_{interval:g}ms"
             for streams in concurrencies:
-                names = ("direct", "handle/baseline", "handle/serve-canary", "http/baseline", "http/serve-canary")
-                runs: dict[str, list[dict]] = {name: [] for name in names}
-                for _ in range(trials):
-                    runs["direct"].append(await direct_trial(streams))
-                    runs["handle/baseline"].append(await handle_trial("baseline", "stream_completions", streams))
-                    before = await failovers(http, port)
-                    runs["handle/serve-canary"].append(await handle_trial("canary", "completions", streams))
-                    runs["handle/serve-canary"][-1]["failovers"] = await failovers(http, port) - before
-                    runs["http/baseline"].append(await http_trial(http, port, "baseline", "baseline", streams))
-                    before = await failovers(http, port)
-                    runs["http/serve-canary"].append(await http_trial(http, port, "canary", "canary", streams))
-                    runs["http/serve-canary"][-1]["failovers"] = await failovers(http, port) - before
-                paths = {name: _median(r) for name, r in runs.items()}
-                direct = paths["direct"]["tokens_per_s"]
+                medians = await rotated(simulated_paths(http, port, streams), trials)
+                direct = medians["direct"]["tokens_per_s"]
                 ratios = {
-                    f"{protocol}_canary_over_direct": paths[f"{protocol}/serve-canary"]["tokens_per_s"] / direct
+                    f"{protocol}_canary_over_direct": medians[f"{protocol}/serve-canary"]["tokens_per_s"] / direct
                     for protocol in ("handle", "http")
                 }
-                results.setdefault(label, {})[f"s{streams}"] = {"paths": paths, **ratios}
-                rates = {k: round(v["tokens_per_s"]) for k, v in paths.items()}
+                results.setdefault(label, {})[f"s{streams}"] = {"paths": medians, **ratios}
+                rates = {k: round(v["tokens_per_s"]) for k, v in medians.items()}
                 print(f"{label} {streams} streams: {json.dumps(rates)} {json.dumps(ratios)}", flush=True)
     return results
 
@@ -272,18 +309,15 @@ async def run_vllm(port: int, concurrencies: tuple[int, ...], trials: int) -> di
         results["unary_chat"] = await unary_chat_latency(http, port, 5 if len(concurrencies) == 1 else 100)
         print(f"vllm unary chat: {json.dumps(results['unary_chat'])}", flush=True)
         for streams in concurrencies:
-            runs: dict[str, list[dict]] = {"direct": [], "serve-canary": []}
-            for _ in range(trials):
-                runs["direct"].append(await direct_trial(streams, "vllm", request))
-                runs["serve-canary"].append(await http_trial(http, port, "vllm", "vllm", streams, vllm=True))
-            paths = {name: _median(r) for name, r in runs.items()}
-            ratio = paths["serve-canary"]["tokens_per_s"] / paths["direct"]["tokens_per_s"]
-            results[f"s{streams}"] = {"paths": paths, "canary_over_direct_tokens_per_s": ratio}
-            print(
-                f"vllm {streams} streams: {json.dumps({k: round(v['tokens_per_s']) for k, v in paths.items()})} "
-                f"ratio {ratio:.2f}",
-                flush=True,
-            )
+            medians = await rotated(vllm_paths(port, request, streams), trials)
+            ratios = {
+                f"{protocol}_canary_over_direct": medians[f"{protocol}/serve-canary"]["tokens_per_s"]
+                / medians["direct"]["tokens_per_s"]
+                for protocol in ("handle", "http")
+            }
+            results[f"s{streams}"] = {"paths": medians, **ratios}
+            rates = {k: round(v["tokens_per_s"]) for k, v in medians.items()}
+            print(f"vllm {streams} streams: {json.dumps(rates)} {json.dumps(ratios)}", flush=True)
     return results
 
 

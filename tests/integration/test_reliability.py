@@ -5,6 +5,7 @@ silent canary does not stall its users, a restarted collector republishes the ro
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -224,3 +225,22 @@ def test_a_restarted_collector_republishes_the_rollout_gauges(deploy):
     ray.kill(ray.get_actor(collector_name(app.name), namespace=NAMESPACE), no_restart=False)
     wait_for(lambda: weight_line in app.http.get("/metrics").text, 30, "the gauge after the restart")
     assert 'serve_canary_rollout_status{model="test-llm",status="rolled_back"} 1.0' in app.http.get("/metrics").text
+
+
+def test_when_stable_is_as_slow_the_canary_is_waited_for_not_failed_over(deploy):
+    """Both arms take 1.5 s to a first token (long prompts, a loaded cluster): beyond the 0.5 s
+    floor, but stable's users wait as long, so failing over would only add load and count it
+    as the canary's error. Once stable's first tokens have been seen, the canary is waited for."""
+    slow = {"ttft_ms": 1500}
+    app = deploy(app_args(slow, slow, rollout=HOLD, canary_first_token_timeout_s=0.5))
+    app.admin("PUT", "weight", json={"weight": 0.5})
+    wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 10, "the new table")
+
+    def wave(name: str) -> list[str]:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: app.chat(user=f"{name}-{i}"), range(16)))
+        assert {r.status_code for r in answers} == {200}
+        return [r.headers["x-serve-canary-arm"] for r in answers]
+
+    wave("first")  # stable's first tokens are seen (canary requests may still fail over)
+    assert "canary" in wave("second") + wave("third")
