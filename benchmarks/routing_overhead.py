@@ -185,7 +185,10 @@ def body(i: int, stream: bool = False, max_tokens: int = 16) -> dict:
     }
 
 
-async def unary_trials(http: httpx.AsyncClient, port: int, concurrency: int, total: int) -> dict[str, dict]:
+async def unary_trials(
+    http: httpx.AsyncClient, port: int, concurrency: int, total: int, rotation: int = 0
+) -> dict[str, dict]:
+    """Every path once, starting at path number `rotation` (so no path always follows another)."""
     direct = serve.get_deployment_handle("stable", app_name="baseline").options(stream=True)
     handles = {"baseline": serve.get_app_handle("baseline"), "serve-canary": serve.get_app_handle("canary")}
     prompt = _arm_request(body(0))
@@ -204,10 +207,11 @@ async def unary_trials(http: httpx.AsyncClient, port: int, concurrency: int, tot
 
         calls[f"http/{name}"] = http_call
     results = {}
-    for name, call in calls.items():
-        await _load(call, concurrency, max(concurrency * 5, 50))  # warm-up
-        results[name] = await _load(call, concurrency, total)
-    return results
+    order = list(calls)
+    for name in order[rotation % len(order) :] + order[: rotation % len(order)]:
+        await _load(calls[name], concurrency, max(concurrency * 5, 50))  # warm-up
+        results[name] = await _load(calls[name], concurrency, total)
+    return {name: results[name] for name in calls}
 
 
 async def stream_trial(http: httpx.AsyncClient, port: int, prefix: str, streams: int, tokens: int) -> dict[str, float]:
@@ -312,7 +316,7 @@ async def run(args: argparse.Namespace, port: int) -> dict:
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     async with httpx.AsyncClient(timeout=60.0, limits=limits) as http:
         for level in levels:
-            runs = [await unary_trials(http, port, level, per_level[level]) for _ in range(trials)]
+            runs = [await unary_trials(http, port, level, per_level[level], trial) for trial in range(trials)]
             unary = _median_of(runs)
             spread = [ratios(trial) for trial in runs]  # each trial's own ratios: the spread of the median
             results["unary"][f"c{level}"] = {"paths": unary, "ratios": ratios(unary), "trial_ratios": spread}
