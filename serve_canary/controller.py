@@ -56,7 +56,7 @@ def rollout_id_for(config: CanaryConfig) -> str:
 def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
     phase = config.rollout.plan[state.phase_index]
     shadow = config.rollout.shadow
-    mirroring = shadow is not None and phase.name == SHADOW_PHASE and not state.terminal
+    mirrored = shadow.fraction if shadow is not None and phase.name == SHADOW_PHASE and not state.terminal else 0.0
     return RoutingTable(
         version=state.table_version,
         rollout_id=state.rollout_id,
@@ -67,7 +67,7 @@ def table_for(state: RolloutState, config: CanaryConfig) -> RoutingTable:
         canary_version=state.canary_version,
         phase=phase.name,
         status=state.status,
-        shadow_fraction=shadow.fraction if mirroring and shadow is not None else 0.0,
+        shadow_fraction=mirrored,
     )
 
 

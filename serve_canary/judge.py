@@ -433,20 +433,31 @@ def judge(
         for spec in LIMITS
     ]
     checks = (*compared, *limits)
-    counts = dict(stable_requests=stable.requests, canary_requests=canary.requests)
+    short_of_traffic = (
+        f"waiting for traffic: canary {canary.requests}/{min_requests}, "
+        f"stable {stable.requests}/{min_requests} requests"
+        if min(stable.requests, canary.requests) < min_requests
+        else None
+    )
+    counts = (stable.requests, canary.requests)
+    return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
+
+
+def _decide(
+    checks: tuple[MetricCheck, ...], counts: tuple[int, int], short_of_traffic: str | None, passed: str
+) -> Verdict:
+    """FAIL if any check fails; else WAIT while traffic is short or any check waits; else PASS."""
+    stable_requests, canary_requests = counts
     failed = [check for check in checks if check.decision == "fail"]
     if failed:
-        return Verdict("fail", "; ".join(check.reason for check in failed), checks, **counts)
-    if min(stable.requests, canary.requests) < min_requests:
-        reason = (
-            f"waiting for traffic: canary {canary.requests}/{min_requests}, "
-            f"stable {stable.requests}/{min_requests} requests"
-        )
-        return Verdict("wait", reason, checks, **counts)
+        return Verdict("fail", "; ".join(check.reason for check in failed), checks, stable_requests, canary_requests)
+    if short_of_traffic is not None:
+        return Verdict("wait", short_of_traffic, checks, stable_requests, canary_requests)
     waiting = [check for check in checks if check.decision == "wait"]
     if waiting:
-        return Verdict("wait", "; ".join(f"{c.metric}: {c.reason}" for c in waiting), checks, **counts)
-    return Verdict("pass", "every metric shown within its allowed increase", checks, **counts)
+        reason = "; ".join(f"{c.metric}: {c.reason}" for c in waiting)
+        return Verdict("wait", reason, checks, stable_requests, canary_requests)
+    return Verdict("pass", passed, checks, stable_requests, canary_requests)
 
 
 def _pair_check(name: str, max_rate: float, tally: ShadowTally, alpha: float, promotion_alpha: float) -> MetricCheck:
@@ -494,13 +505,5 @@ def judge_shadow(
     after `min_pairs` pairs, else WAIT."""
     alpha = health.alpha * SHADOW_ALPHA_SHARE / max(len(comparisons), 1)
     checks = tuple(_pair_check(name, rate, tally, alpha, health.promotion_alpha) for name, rate in comparisons)
-    counts = dict(stable_requests=tally.pairs, canary_requests=tally.pairs)
-    failed = [check for check in checks if check.decision == "fail"]
-    if failed:
-        return Verdict("fail", "; ".join(check.reason for check in failed), checks, **counts)
-    if tally.pairs < min_pairs:
-        return Verdict("wait", f"waiting for shadow pairs: {tally.pairs}/{min_pairs}", checks, **counts)
-    waiting = [check for check in checks if check.decision == "wait"]
-    if waiting:
-        return Verdict("wait", "; ".join(f"{c.metric}: {c.reason}" for c in waiting), checks, **counts)
-    return Verdict("pass", "every shadow comparison shown not worse", checks, **counts)
+    short_of_pairs = f"waiting for shadow pairs: {tally.pairs}/{min_pairs}" if tally.pairs < min_pairs else None
+    return _decide(checks, (tally.pairs, tally.pairs), short_of_pairs, "every shadow comparison shown not worse")

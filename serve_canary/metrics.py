@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel
 
@@ -29,6 +30,7 @@ from serve_canary.units import MEASURES, QUANTILES, UnitTally
 # Who asked: a user (judged), a tester picking an arm (`x-serve-canary-force`), or the ingress
 # mirroring a request to the canary in the shadow phase (judged as pairs, `shadow`).
 Origin = Literal["user", "tester", "shadow"]
+T = TypeVar("T")
 RESERVOIR_SIZE = 4096
 WINDOW_CAPACITY = 4
 
@@ -248,6 +250,15 @@ def fix_thresholds(arms: dict[Arm, ArmAggregate]) -> None:
                 thresholds[key] = sorted_quantile(samples.ordered(), level)
 
 
+def _kept(windows: OrderedDict[str, T], window: str, new: Callable[[], T], capacity: int) -> T:
+    """`windows[window]`, made with `new` if absent; the oldest windows beyond `capacity` go."""
+    if window not in windows:
+        windows[window] = new()
+        while len(windows) > capacity:
+            windows.popitem(last=False)
+    return windows[window]
+
+
 class MetricsLedger:
     """Aggregates per (window, arm) for the most recent windows.
 
@@ -266,11 +277,7 @@ class MetricsLedger:
         return self._windows.get(window) or new_window()
 
     def _writable(self, window: str) -> dict[Arm, ArmAggregate]:
-        if window not in self._windows:
-            self._windows[window] = new_window()
-            while len(self._windows) > self._window_capacity:
-                self._windows.popitem(last=False)
-        return self._windows[window]
+        return _kept(self._windows, window, new_window, self._window_capacity)
 
     @property
     def windows(self) -> list[str]:
@@ -300,12 +307,11 @@ class MetricsLedger:
 
     def add_pairs(self, outcomes: list[PairOutcome]) -> None:
         """Count compared shadow pairs in the window they were mirrored in."""
+        by_window: dict[str, list[PairOutcome]] = {}
         for outcome in outcomes:
-            if outcome.window not in self._pairs:
-                self._pairs[outcome.window] = ShadowTally()
-                while len(self._pairs) > self._window_capacity:
-                    self._pairs.popitem(last=False)
-            self._pairs[outcome.window].add([outcome])
+            by_window.setdefault(outcome.window, []).append(outcome)
+        for window, in_window in by_window.items():
+            _kept(self._pairs, window, ShadowTally, self._window_capacity).add(in_window)
 
     def pairs(self, window: str) -> ShadowTally:
         """The window's compared pairs (an empty tally if none)."""
