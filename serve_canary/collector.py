@@ -60,13 +60,13 @@ class MetricsCollector:
         return WindowSnapshot(self._incarnation, self._ledger.window(window), self._ledger.pairs(window))
 
     def feedback(
-        self, attribution: Attribution, rating: float | None, hallucination: bool | None, low_rating: bool
+        self, attribution: Attribution, rating: float | None, hallucination: bool | None, shortfall: float | None
     ) -> bool:
         """Count feedback on a request once; False (and nothing counted) if it was rated before."""
         if not self._rated.admit(attribution, time.time()):
             return False
         self._ledger.add_feedback(
-            attribution.window, attribution.arm, attribution.unit, rating, hallucination, low_rating
+            attribution.window, attribution.arm, attribution.unit, rating, hallucination, shortfall
         )
         self._exporter.feedback(attribution.arm, attribution.version, rating, hallucination)
         return True

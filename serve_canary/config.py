@@ -230,7 +230,12 @@ class HealthConfig(_Schema):
     max_ttft_increase: float = Field(default=1.5, ge=1.0)
     max_itl_increase: float = Field(default=1.5, ge=1.0)
     max_hallucination_increase: float = Field(default=1.5, ge=1.0)
-    max_low_rating_increase: float = Field(default=1.5, ge=1.0, description="users rating in the lower half")
+    max_rating_decrease: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="how much lower the canary users' mean rating may be than stable's, as a share of the rating range",
+    )
     max_output_tokens_increase: float = Field(
         default=1.2, ge=1.0, description="p95 and p99 output tokens per answer: the cost of an answer"
     )
@@ -282,9 +287,10 @@ class FeedbackConfig(_Schema):
     token_ttl_s: float = Field(default=3600.0, gt=0.0, description="how long after its answer a request can be rated")
     max_per_s: float = Field(default=50.0, gt=0.0, description="feedback posts per second per ingress replica")
 
-    def is_low(self, rating: float) -> bool:
-        """A rating in the lower half of the range: what the judge counts users by."""
-        return rating < (self.rating_min + self.rating_max) / 2.0
+    def shortfall(self, rating: float) -> float:
+        """How far `rating` is below the best, as a share of the range: what the judge averages
+        per user (0 for the best rating, 1 for the worst)."""
+        return (self.rating_max - rating) / (self.rating_max - self.rating_min)
 
     @model_validator(mode="after")
     def _range(self) -> FeedbackConfig:

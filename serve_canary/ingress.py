@@ -359,8 +359,8 @@ class CanaryIngress:
             attribution = feedback.verify(self._feedback_key, given.feedback_token, given.request_id, time.time())
         except feedback.FeedbackRefused as exc:
             raise OpenAIError(403, str(exc), "permission_error", param="feedback_token") from None
-        low_rating = given.rating is not None and limits.is_low(given.rating)
-        if not await self._collector.feedback.remote(attribution, given.rating, given.hallucination, low_rating):
+        shortfall = None if given.rating is None else limits.shortfall(given.rating)
+        if not await self._collector.feedback.remote(attribution, given.rating, given.hallucination, shortfall):
             raise OpenAIError(409, f"request {given.request_id!r} was already rated", "conflict", param="request_id")
         return {"request_id": given.request_id, "arm": attribution.arm, "version": attribution.version}
 

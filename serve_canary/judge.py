@@ -11,7 +11,8 @@ different, however its requests cluster.
   more canary users with an error or a hallucination flag than its weight explains; for TTFT,
   end-to-end and inter-token latency at p95 and p99, more canary users above
   `max_*_increase` × stable's quantile than stable users above the quantile itself (worse by
-  more than the tolerance). Or when the canary is over an absolute limit with confidence while
+  more than the tolerance); when its users' mean rating is lower than stable's by more than
+  `max_rating_decrease` of the rating range. Or when the canary is over an absolute limit with confidence while
   stable is within it; when stable is over the same limit too, the verdict is WAIT with an
   alert: a shared incident is not the canary's regression.
 - PASS needs evidence, not silence: `min_requests` on both arms and,
@@ -26,7 +27,8 @@ to window cannot turn into evidence. A rollback factor is mixed half-and-half wi
 window in which stable alone had an incident costs the canary's test at most ×2; a promotion
 factor is capped at 1/√promotion_alpha, so no single window (such an incident again) can
 certify the canary on its own.
-Absolute limits spend their share of α over the attempt's windows (half, a quarter, ...).
+Absolute limits and the rating comparison spend their share of α over the attempt's windows
+(half, a quarter, ...).
 α, the attempt's false-rollback budget, is split across `METRICS` and `LIMITS` (Kayenta's
 metrics as data).
 """
@@ -46,6 +48,7 @@ from serve_canary.sequential import (
     proportion_bounds,
     quantile_margin,
     ratio_e_value,
+    shortfall_e_value,
 )
 from serve_canary.shadow import ShadowTally
 from serve_canary.units import MEASURES, QUANTILES, UnitTally
@@ -100,14 +103,6 @@ METRICS: tuple[MetricSpec, ...] = (
         flagged=lambda u: u.hallucinations,
         gates_promotion=False,
     ),
-    MetricSpec(
-        "low_rating_rate",
-        "rate",
-        0.03,
-        allowed_increase=lambda h: h.max_low_rating_increase,
-        flagged=lambda u: u.low_ratings,
-        gates_promotion=False,
-    ),
     *(
         MetricSpec(
             f"{measure}_{quantile}" + ("" if measure == "tokens" else "_ms"),
@@ -121,6 +116,12 @@ METRICS: tuple[MetricSpec, ...] = (
         for quantile in QUANTILES
     ),
 )
+
+
+# Users' mean rating: sparse and optional, so it can fail a canary but never holds one back; its
+# share is spent over the attempt's windows as a limit's is.
+RATING_METRIC = "mean_rating"
+RATING_ALPHA_SHARE = 0.03
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,20 @@ class LimitStats:
 
 
 @dataclass(frozen=True)
+class RatingStats:
+    """The evidence behind the rating comparison: rated users and the betting test's e-value."""
+
+    e_value: float  # "the canary's users rate it lower by more than the margin"
+    e_threshold: float
+    canary_weight: float
+    canary_users: int  # users (keyless answers) with at least one rating
+    stable_users: int
+    canary_shortfall: float  # mean over rated users of their mean shortfall from the best rating
+    stable_shortfall: float
+    kind: Literal["ratings"] = "ratings"
+
+
+@dataclass(frozen=True)
 class PairStats:
     """The evidence behind a shadow comparison of paired answers."""
 
@@ -217,10 +232,12 @@ class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: float | None  # the tolerance (canary/stable), the absolute limit, or a shadow comparator's max_rate
+    limit: (
+        float | None
+    )  # the tolerance (canary/stable), the absolute limit, the rating margin, or a shadow comparator's max_rate
     decision: Decision
     reason: str
-    stats: UnitStats | LimitStats | PairStats | None = None
+    stats: UnitStats | LimitStats | RatingStats | PairStats | None = None
     segment: Segment = NO_SEGMENT  # this window's contribution to the rollback test
     promotion_segment: Segment = NO_SEGMENT  # and to the promotion test
     alert: bool = False  # both arms are over an absolute limit
@@ -398,6 +415,34 @@ def _limit_check(
     )
 
 
+def _rating_check(
+    stable: ArmAggregate, canary: ArmAggregate, margin: float, alpha: float, weight: float
+) -> MetricCheck:
+    means = (stable.mean_rating, canary.mean_rating)
+    canary_users, stable_users = canary.units.shortfalls, stable.units.shortfalls
+    if not canary_users or not stable_users:
+        return MetricCheck(RATING_METRIC, *means, margin, "pass", "no rated users on one arm yet")
+    e_value = shortfall_e_value(canary_users, stable_users, weight, margin)
+    stats = RatingStats(
+        e_value,
+        1.0 / alpha,
+        weight,
+        len(canary_users),
+        len(stable_users),
+        sum(canary_users) / len(canary_users),
+        sum(stable_users) / len(stable_users),
+    )
+    counts = (
+        f"mean shortfall from the best rating per user: canary {stats.canary_shortfall:.1%} of the range "
+        f"({len(canary_users)} users), stable {stats.stable_shortfall:.1%} ({len(stable_users)}) at weight {weight:g}"
+    )
+    if e_value >= 1.0 / alpha:
+        reason = f"{RATING_METRIC}: canary rated lower by more than {margin:.0%} of the range"
+        reason += f" ({counts}; e-value {e_value:.3g})"
+        return MetricCheck(RATING_METRIC, *means, margin, "fail", reason, stats)
+    return MetricCheck(RATING_METRIC, *means, margin, "pass", f"no evidence of lower ratings ({counts})", stats)
+
+
 def judge(
     stable: ArmAggregate,
     canary: ArmAggregate,
@@ -412,9 +457,11 @@ def judge(
     """Judge the current window, served at canary `weight`.
 
     The tests also count the `earlier` windows of the same attempt (`attempt_e_value`,
-    `promotion_e_value`). `alpha`, the attempt's false-rollback budget, is split across `METRICS`
-    and `LIMITS`; a limit spends 2^-(window_index + 1) of its share in this window.
+    `promotion_e_value`). `alpha`, the attempt's false-rollback budget, is split across `METRICS`,
+    `LIMITS` and the rating comparison; a limit and the rating comparison spend 2^-(window_index + 1)
+    of their share in this window.
     """
+    spent = 2.0 ** -(window_index + 1)
     compared = [
         _compare(
             spec,
@@ -428,11 +475,9 @@ def judge(
         )
         for spec in METRICS
     ]
-    limits = [
-        _limit_check(spec, stable, canary, health, alpha * spec.alpha_share / 2 ** (window_index + 1))
-        for spec in LIMITS
-    ]
-    checks = (*compared, *limits)
+    rating = _rating_check(stable, canary, health.max_rating_decrease, alpha * RATING_ALPHA_SHARE * spent, weight)
+    limits = [_limit_check(spec, stable, canary, health, alpha * spec.alpha_share * spent) for spec in LIMITS]
+    checks = (*compared, rating, *limits)
     short_of_traffic = (
         f"waiting for traffic: canary {canary.requests}/{min_requests}, "
         f"stable {stable.requests}/{min_requests} requests"

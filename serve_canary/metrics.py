@@ -157,21 +157,26 @@ class ArmAggregate:
         self.units.add(record.unit, record.outcome == "error", ratios)
 
     def add_feedback(
-        self, unit: str | None, rating: float | None, hallucination: bool | None, low_rating: bool = False
+        self, unit: str | None, rating: float | None, hallucination: bool | None, shortfall: float | None = None
     ) -> None:
-        """One answer's feedback; `low_rating`: the rating is in the lower half of the range."""
+        """One answer's feedback; `shortfall`: how far the rating is below the best, as a share
+        of the rating range (`FeedbackConfig.shortfall`)."""
         if rating is not None:
             self.ratings += 1
             self.rating_sum += rating
         if hallucination is not None:
             self.hallucination_reports += 1
             self.hallucinations += int(hallucination)
-        if hallucination or low_rating:
-            self.units.add_feedback(unit, bool(hallucination), low_rating)
+        if hallucination or shortfall is not None:
+            self.units.add_feedback(unit, bool(hallucination), shortfall)
 
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    @property
+    def mean_rating(self) -> float | None:
+        return self.rating_sum / self.ratings if self.ratings else None
 
     def summary(self) -> ArmSummary:
         """The figures `status` shows, latencies in milliseconds."""
@@ -194,7 +199,7 @@ class ArmAggregate:
             e2e_ms=percentiles_ms(self.e2e_s),
             tokens_per_answer=percentiles_ms(self.tokens, scale=1.0),
             output_tokens=self.output_tokens,
-            mean_rating=self.rating_sum / self.ratings if self.ratings else None,
+            mean_rating=self.mean_rating,
             hallucinations=self.hallucinations,
         )
 
@@ -300,10 +305,10 @@ class MetricsLedger:
         unit: str | None,
         rating: float | None,
         hallucination: bool | None,
-        low_rating: bool = False,
+        shortfall: float | None = None,
     ) -> None:
         """Count feedback in the window that served the request (also before its record arrives)."""
-        self._writable(window)[arm].add_feedback(unit, rating, hallucination, low_rating)
+        self._writable(window)[arm].add_feedback(unit, rating, hallucination, shortfall)
 
     def add_pairs(self, outcomes: list[PairOutcome]) -> None:
         """Count compared shadow pairs in the window they were mirrored in."""

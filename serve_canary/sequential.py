@@ -12,6 +12,8 @@ null, so by Ville's inequality P(it ever reaches 1/α) ≤ α, however often it 
 - `proportion_bounds`: a confidence sequence for a Bernoulli rate (beta-binomial mixture).
 - `net_rate_e_value`: for paired answers (shadow traffic), is the share of pairs with the
   canary's answer worse above (or below) the share with stable's plus a limit? A betting test.
+- `shortfall_e_value`: is the canary's users' mean rating lower than stable's by more than a
+  margin? A betting test on rated users, each weighted by the inverse of its arm's share.
 - `quantile_margin`: a time-uniform bound on an empirical CDF value at a quantile level, for
   quantile bounds.
 """
@@ -142,6 +144,32 @@ def net_rate_e_value(worse: int, better: int, pairs: int, limit: float, side: Li
             -math.log(len(NET_RATE_BETS))
             + sum(n * math.log1p(bet * gain) for n, gain in zip((worse, better, ties), gains, strict=True) if n)
         )
+    return math.exp(min(_logsumexp(log_terms), 700.0))
+
+
+# Bets as fractions of the largest safe one: a canary user's term is scaled by 1 / weight, so at
+# a 5 % weight one bad rating moves the capital a lot; small bets keep the variance in check.
+SHORTFALL_BETS = (0.05, 0.15, 0.4)
+
+
+def shortfall_e_value(canary: Sequence[float], stable: Sequence[float], weight: float, margin: float) -> float:
+    """E-value against "the canary's users fall short of the top rating by at most `margin` more
+    than stable's", from each rated user's mean shortfall in [0, 1] (0: every rating the best).
+
+    A user is the canary's with probability `weight`, independently of how it rates when the
+    models are alike, so X = b/weight for a canary user and −b/(1 − weight) for a stable one
+    has mean μ_canary − μ_stable: each bet's capital ∏ (1 + λ·(X − margin)) is a nonnegative
+    supermartingale under the null (X ≥ −1/(1 − weight)), and so is their average.
+    """
+    if not 0.0 < weight < 1.0 or not (canary or stable):
+        return 1.0
+    largest = 1.0 / (1.0 / (1.0 - weight) + margin)
+    log_terms = []
+    for fraction in SHORTFALL_BETS:
+        bet = fraction * largest
+        log_capital = math.fsum(math.log1p(bet * (b / weight - margin)) for b in canary)
+        log_capital += math.fsum(math.log1p(bet * (-b / (1.0 - weight) - margin)) for b in stable)
+        log_terms.append(log_capital - math.log(len(SHORTFALL_BETS)))
     return math.exp(min(_logsumexp(log_terms), 700.0))
 
 

@@ -5,7 +5,7 @@ independent trials: a user whose requests all fail, or who always asks for long 
 would weigh as hundreds of trials and swing any per-request test. The judge therefore tests
 units. A unit is one routing key's requests within one metrics window, or a keyless request
 on its own (keyless requests are routed one by one). For each unit the tally keeps whether
-it saw an error, a hallucination flag or a low rating, and its worst latency and longest
+it saw an error or a hallucination flag, its mean rating, and its worst latency and longest
 answer (output tokens: the cost) relative to the window's thresholds (stable's p95 and p99,
 fixed once, see `metrics.fix_thresholds`), as a bin of a 1 % log grid, so "how many units
 went above 1.5× stable's p95" is a count, at any tolerance.
@@ -53,7 +53,8 @@ class UnitOutcome:
     requests: int = 0
     error: bool = False
     hallucination: bool = False
-    low_rating: bool = False
+    ratings: int = 0
+    rating_shortfall: float = 0.0  # summed over its ratings: (best − rating) / range
     worst: dict[str, int] = field(default_factory=dict)  # threshold key → bin of its worst ratio above 1
 
 
@@ -67,7 +68,7 @@ class UnitTally:
     keyless: int = 0
     keyless_errors: int = 0
     keyless_hallucinations: int = 0
-    keyless_low_ratings: int = 0
+    keyless_shortfalls: list[float] = field(default_factory=list)  # one per rated keyless answer
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
     _changes: int = 0
     _counted: tuple[int, Census | None] = (-1, None)
@@ -97,15 +98,20 @@ class UnitTally:
             if index > outcome.worst.get(key, -1):
                 outcome.worst[key] = index
 
-    def add_feedback(self, unit: str | None, hallucination: bool, low_rating: bool) -> None:
+    def add_feedback(self, unit: str | None, hallucination: bool, shortfall: float | None) -> None:
+        """One answer's feedback: a hallucination flag, and its rating's `shortfall` from the best
+        rating as a share of the range (None: not rated)."""
         self._changes += 1
         outcome = self._unit(unit)
         if outcome is None:
             self.keyless_hallucinations += hallucination
-            self.keyless_low_ratings += low_rating
-        else:
-            outcome.hallucination |= hallucination
-            outcome.low_rating |= low_rating
+            if shortfall is not None and len(self.keyless_shortfalls) < MAX_KEYED_UNITS:
+                self.keyless_shortfalls.append(shortfall)
+            return
+        outcome.hallucination |= hallucination
+        if shortfall is not None:
+            outcome.ratings += 1
+            outcome.rating_shortfall += shortfall
 
     @property
     def units(self) -> int:
@@ -129,9 +135,9 @@ class UnitTally:
         return self._census().hallucinations
 
     @property
-    def low_ratings(self) -> int:
-        """Units that gave at least one rating in the lower half of the range."""
-        return self._census().low_ratings
+    def shortfalls(self) -> list[float]:
+        """Each rating unit's mean shortfall from the best rating (0: all best, 1: all worst)."""
+        return self._census().shortfalls
 
     def over(self, key: str, limit: float, side: Side) -> int:
         """Units whose worst `key` measure went above `limit` × the threshold."""
@@ -148,7 +154,7 @@ class UnitTally:
                 squares=self.keyless,
                 errors=self.keyless_errors,
                 hallucinations=self.keyless_hallucinations,
-                low_ratings=self.keyless_low_ratings,
+                shortfalls=list(self.keyless_shortfalls),
                 worst={name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS},
             )
             for outcome in self.keyed.values():
@@ -156,7 +162,8 @@ class UnitTally:
                 census.squares += outcome.requests * outcome.requests
                 census.errors += outcome.error
                 census.hallucinations += outcome.hallucination
-                census.low_ratings += outcome.low_rating
+                if outcome.ratings:
+                    census.shortfalls.append(outcome.rating_shortfall / outcome.ratings)
                 for name, index in outcome.worst.items():
                     census.worst[name][index] += 1
             self._counted = (self._changes, census)
@@ -172,5 +179,5 @@ class Census:
     squares: int
     errors: int
     hallucinations: int
-    low_ratings: int
+    shortfalls: list[float]
     worst: dict[str, Counter[int]]

@@ -4,11 +4,12 @@ from a regression, and the edge cases (no data, little data, sparse feedback).""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 
 from serve_canary.config import HealthConfig
-from serve_canary.judge import METRICS, LimitStats, UnitStats, judge
+from serve_canary.judge import METRICS, LimitStats, RatingStats, UnitStats, judge
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 
 HEALTH = HealthConfig()
@@ -88,7 +89,7 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
         *(f"{latency}_{q}_ms" for latency in ("ttft", "e2e", "itl") for q in ("p95", "p99")),
         "tokens_p95",
         "tokens_p99",
-        "low_rating_rate",
+        "mean_rating",
         "error_rate_limit",
         "e2e_p95_limit",
         "ttft_p95_limit",
@@ -211,12 +212,42 @@ def test_hallucination_flags_and_low_ratings_can_fail_but_never_hold_back():
     traffic(ledger, "canary", 3000, seed=2)
     assert verdict_on(ledger.window("w"), weight=0.5).decision == "pass"  # no feedback at all
     for i in range(200):
-        ledger.add_feedback("w", "stable", f"s{i}", 5.0, False)
-        ledger.add_feedback("w", "canary", f"c{i}", 1.0, True, low_rating=True)
+        ledger.add_feedback("w", "stable", f"s{i}", 5.0, False, shortfall=0.0)
+        ledger.add_feedback("w", "canary", f"c{i}", 1.0, True, shortfall=1.0)
     for i in range(10):
-        ledger.add_feedback("w", "stable", f"t{i}", 2.0, True, low_rating=True)
+        ledger.add_feedback("w", "stable", f"t{i}", 2.0, True, shortfall=0.75)
     verdict = verdict_on(ledger.window("w"), weight=0.5)
-    assert verdict.failed_metrics == ["hallucination_rate", "low_rating_rate"]
+    assert verdict.failed_metrics == ["hallucination_rate", "mean_rating"]
+
+
+def rated_users(
+    ledger: MetricsLedger, weight: float, users: int, shortfall: dict[str, float], seed: int, per_user: int = 3
+) -> None:
+    """Sticky users, each rating `per_user` answers around a mean of its own (its arm's mean
+    shortfall ± 0.2): ratings cluster by user."""
+    rng = random.Random(seed)
+    for user in range(users):
+        arm = "canary" if rng.random() < weight else "stable"
+        own = min(max(shortfall[arm] + rng.uniform(-0.2, 0.2), 0.0), 1.0)
+        for _ in range(per_user):
+            given = min(max(own + rng.uniform(-0.1, 0.1), 0.0), 1.0)
+            ledger.add_feedback("w", arm, f"u{user}", 5.0 - 4.0 * given, None, shortfall=given)
+
+
+def test_users_rating_the_canary_lower_by_more_than_the_margin_fail_it():
+    ledger = MetricsLedger()
+    rated_users(ledger, 0.5, 600, {"stable": 0.2, "canary": 0.5}, seed=1)  # 4.2 against 3.0 on 1–5
+    rating = check(verdict_on(ledger.window("w"), weight=0.5), "mean_rating")
+    assert rating.decision == "fail", rating.reason
+    assert rating.stable is not None and rating.canary is not None and rating.stable - rating.canary > 1.0
+
+
+def test_ratings_lower_within_the_margin_do_not_fail():
+    ledger = MetricsLedger()
+    rated_users(ledger, 0.5, 3000, {"stable": 0.2, "canary": 0.25}, seed=2)  # 0.05 of the range < 0.1
+    rating = check(verdict_on(ledger.window("w"), weight=0.5), "mean_rating")
+    assert rating.decision == "pass", rating.reason
+    assert isinstance(rating.stats, RatingStats) and rating.stats.canary_users > 1000
 
 
 def test_longer_answers_are_a_cost_regression():
@@ -229,9 +260,10 @@ def test_longer_answers_are_a_cost_regression():
 
 
 def test_every_path_that_can_roll_back_spends_from_one_alpha():
-    from serve_canary.judge import LIMITS, SHADOW_ALPHA_SHARE
+    from serve_canary.judge import LIMITS, RATING_ALPHA_SHARE, SHADOW_ALPHA_SHARE
 
-    assert abs(sum(spec.alpha_share for spec in (*METRICS, *LIMITS)) + SHADOW_ALPHA_SHARE - 1.0) < 1e-9
+    shares = sum(spec.alpha_share for spec in (*METRICS, *LIMITS)) + RATING_ALPHA_SHARE + SHADOW_ALPHA_SHARE
+    assert abs(shares - 1.0) < 1e-9
 
 
 def test_single_token_outputs_have_no_inter_token_latency_and_do_not_block():
