@@ -92,6 +92,14 @@ def status_view(status: RolloutStatus) -> Group:
         parts.append(Text(f"waiting for: {status.waiting_for}", style="yellow"))
     if status.capacity:
         parts.append(Text(f"capacity: {status.capacity}", style="bold magenta"))
+    throughput = status.tokens_per_s_per_replica or {}
+    load = [
+        f"{arm}: waited p95 {_fmt(summary.queue_ms.p95)} ms for a replica"
+        + (f", {throughput[arm]:,.0f} output tokens/s per replica" if arm in throughput else "")
+        for arm, summary in (status.arms or {}).items()
+    ]
+    if load:
+        parts.append(Text("load  " + "; ".join(load)))
     verdict = status.last_verdict
     if verdict:
         table = Table(title=f"verdict {verdict.decision.upper()}: {verdict.reason}", title_justify="left", expand=True)

@@ -119,7 +119,7 @@ def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any]) -> ArmEn
     streaming = handle.options(stream=True)
 
     def open_call(kind: Kind, request: Any) -> AsyncIterator[Any]:
-        return _cancel_on_close(getattr(streaming, kind).remote(request))
+        return _cancel_on_close(getattr(streaming, kind).remote(request, stamp=True))
 
     return ArmEndpoint(name, arm.served_version, arm.model_id, request_models(arm), open_call)
 

@@ -143,9 +143,9 @@ def _rate_bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float |
     return proportion_bounds(arm.errors * worth, arm.requests * worth, alpha)
 
 
-def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | None, float | None]]:
+def _p95_bounds(latency: Literal["ttft", "e2e"]) -> Callable[[ArmAggregate, float], tuple[float | None, float | None]]:
     def bounds(arm: ArmAggregate, alpha: float) -> tuple[float | None, float | None]:
-        ordered = arm.samples(latency).ordered()
+        ordered = arm.seen(latency).ordered()
         margin = quantile_margin(int(min(len(ordered), arm.units.effective_size())), 0.95, alpha)
         low, high = 0.95 - margin, 0.95 + margin  # beyond [0, 1]: too few samples to bound it
         return (
@@ -156,9 +156,9 @@ def _p95_bounds(latency: str) -> Callable[[ArmAggregate, float], tuple[float | N
     return bounds
 
 
-def _p95_ms(latency: str) -> Callable[[ArmAggregate], float | None]:
+def _p95_ms(latency: Literal["ttft", "e2e"]) -> Callable[[ArmAggregate], float | None]:
     def estimate(arm: ArmAggregate) -> float | None:
-        value = arm.samples(latency).quantile(0.95)
+        value = arm.seen(latency).quantile(0.95)
         return None if value is None else value * 1000.0
 
     return estimate
@@ -333,6 +333,8 @@ def _compare(
         shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]
         shown_threshold_value, tolerance = threshold * scale, 1.0
         shown_threshold = f"{threshold:.0f} tokens" if measure == "tokens" else f"{threshold * scale:.1f} ms"
+        if measure in ("ttft", "e2e"):
+            shown_threshold += " from the replica's receipt"
         what = f"users above {allowed:g}× stable's {quantile} ({shown_threshold}; stable: above 1×)"
     canary_units, stable_units = canary.units.units, stable.units.units
     if canary_units == 0 or stable_units == 0:

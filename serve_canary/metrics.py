@@ -10,6 +10,12 @@ is then answered by stable, that answer (outcome `failover`) is not one of stabl
 so a failing canary cannot make stable look busy or slow. A cancelled request is not a
 request either, but the time it ran is a lower bound on its latency and enters the latency
 figures: a client that gives up on a slow answer must not hide it from the tail.
+
+Load is not the model: time spent waiting to reach a replica (`queue_s`, from the replica's
+receipt stamp) is kept apart. The user-facing TTFT and end-to-end latency (status, absolute
+limits: SLOs are about what users wait) include it; what the judge compares between arms is
+the time from the replica's receipt (`samples`), so a canary arm with too few replicas for
+its weight reads as a capacity finding, not as a slower model.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class RequestRecord(NamedTuple):
     prompt_tokens: int
     output_tokens: int
     origin: Origin = "user"  # a tester's pick of arm, or a mirrored request: shown, never judged
+    queue_s: float | None = None  # waiting to reach a replica (in ttft_s and e2e_s); None: unknown
 
 
 class Reservoir:
@@ -109,9 +116,12 @@ class ArmAggregate:
     failovers: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
     output_tokens: int = 0
-    ttft_s: Reservoir = field(default_factory=Reservoir)
+    ttft_s: Reservoir = field(default_factory=Reservoir)  # as users saw it, queueing included
     itl_s: Reservoir = field(default_factory=Reservoir)
-    e2e_s: Reservoir = field(default_factory=Reservoir)
+    e2e_s: Reservoir = field(default_factory=Reservoir)  # as users saw it, queueing included
+    queue_s: Reservoir = field(default_factory=Reservoir)  # waiting to reach a replica
+    replica_ttft_s: Reservoir = field(default_factory=Reservoir)  # from the replica's receipt
+    replica_e2e_s: Reservoir = field(default_factory=Reservoir)
     tokens: Reservoir = field(default_factory=Reservoir)  # output tokens per answer
     ratings: int = 0
     rating_sum: float = 0.0
@@ -120,8 +130,15 @@ class ArmAggregate:
     units: UnitTally = field(default_factory=UnitTally)
 
     def samples(self, measure: str) -> Reservoir:
-        """The reservoir of a `units.MEASURES` measure."""
-        return {"ttft": self.ttft_s, "e2e": self.e2e_s, "itl": self.itl_s, "tokens": self.tokens}[measure]
+        """The reservoir of a `units.MEASURES` measure as the judge compares it (latencies from
+        the replica's receipt)."""
+        return {"ttft": self.replica_ttft_s, "e2e": self.replica_e2e_s, "itl": self.itl_s, "tokens": self.tokens}[
+            measure
+        ]
+
+    def seen(self, latency: Literal["ttft", "e2e"]) -> Reservoir:
+        """A latency as users saw it, queueing included (what absolute limits hold)."""
+        return self.ttft_s if latency == "ttft" else self.e2e_s
 
     def add(self, record: RequestRecord) -> None:
         if record.outcome == "rejected":
@@ -146,6 +163,13 @@ class ArmAggregate:
             self.errors += 1
             self.error_kinds[record.error_kind or "unknown"] += 1
             latencies = {}
+        queue = record.queue_s or 0.0
+        if latencies and record.queue_s is not None:
+            self.queue_s.add(record.queue_s)
+        for latency in ("ttft", "e2e"):
+            if (value := latencies.get(latency)) is not None:
+                self.seen(latency).add(value)
+                latencies[latency] = max(value - queue, 0.0)
         for latency, value in latencies.items():
             if value is not None:
                 self.samples(latency).add(value)
@@ -197,6 +221,7 @@ class ArmAggregate:
             ttft_ms=percentiles_ms(self.ttft_s),
             itl_ms=percentiles_ms(self.itl_s),
             e2e_ms=percentiles_ms(self.e2e_s),
+            queue_ms=percentiles_ms(self.queue_s),
             tokens_per_answer=percentiles_ms(self.tokens, scale=1.0),
             output_tokens=self.output_tokens,
             mean_rating=self.mean_rating,
@@ -220,6 +245,7 @@ class ArmSummary(BaseModel):
     ttft_ms: Percentiles
     itl_ms: Percentiles
     e2e_ms: Percentiles
+    queue_ms: Percentiles  # waiting to reach a replica (part of ttft_ms and e2e_ms)
     tokens_per_answer: Percentiles
     output_tokens: int
     mean_rating: float | None

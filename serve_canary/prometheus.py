@@ -126,6 +126,13 @@ class PrometheusExporter:
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
+        self.queue = Histogram(
+            "serve_canary_queue_seconds",
+            "Time a request waited to reach a replica of its arm (part of its time to first token).",
+            ARM_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
         self.itl = Histogram(
             "serve_canary_inter_token_latency_seconds",
             "Mean gap between output tokens of a request.",
@@ -195,6 +202,12 @@ class PrometheusExporter:
             ("model", "metric"),
             registry=registry,
         )
+        self.replica_throughput = Gauge(
+            "serve_canary_output_tokens_per_second_per_replica",
+            "Output tokens per second per running replica of an arm, over the current window.",
+            ("model", "arm"),
+            registry=registry,
+        )
         self.judge_decision = Gauge(
             "serve_canary_judge_decision",
             "Latest verdict: -1 fail, 0 wait, 1 pass.",
@@ -217,6 +230,8 @@ class PrometheusExporter:
                 continue
             if r.ttft_s is not None:
                 self.ttft.labels(*labels).observe(r.ttft_s)
+            if r.queue_s is not None:
+                self.queue.labels(*labels).observe(r.queue_s)
             if r.itl_s is not None:
                 self.itl.labels(*labels).observe(r.itl_s)
             self.e2e.labels(*labels).observe(r.e2e_s)
@@ -248,6 +263,8 @@ class PrometheusExporter:
             self.status.labels(self.model, name).set(1.0 if status.status == name else 0.0)
         if transition is not None and transition.action in ROLLBACK_ACTIONS:
             self.rollbacks.labels(self.model, ROLLBACK_ACTIONS[transition.action]).inc()
+        for arm, throughput in (status.tokens_per_s_per_replica or {}).items():
+            self.replica_throughput.labels(self.model, arm).set(throughput)
         verdict = status.last_verdict
         if verdict is not None:
             self.judge_decision.labels(self.model).set(DECISION_VALUES[verdict.decision])

@@ -5,6 +5,8 @@ Both kinds of arm speak Ray Serve LLM's `LLMServer` contract: called as a stream
 `completions` yield one response object (or an `ErrorResponse`) for a unary request, and
 lists of SSE strings for a stream. The ingress passes each arm in as an `ArmEndpoint` whose
 `open` starts a call, and a sink for the records; tests pass the simulated server itself.
+The arm stamps its first item with when the call reached it (`stamps`): the wait before that
+is queueing, recorded apart from the time to first token.
 
 What the ingress reads, and what it does not: a batch's arrival time, a cheap prefix check of
 each item for an error event, and the stream's last few items (finish reason and usage, which
@@ -28,6 +30,7 @@ from serve_canary.metrics import Origin, RequestRecord
 from serve_canary.openai_api import Envelope, OpenAIError, validation_error
 from serve_canary.routing import Arm, RoutingTable
 from serve_canary.shadow import Answer
+from serve_canary.stamps import queueing, unstamped
 
 Kind = Literal["chat", "completions"]
 RecordSink = Callable[[RequestRecord], None]
@@ -132,6 +135,8 @@ class _Attempt:
         self.failed_over = False  # stable answering a canary request that failed: not stable's request
         self.origin: Origin = "user"
         self.started = clock()
+        self.sent_at = time.time()  # wall clock, to compare with the replica's receipt stamp
+        self.queue_s: float | None = None
         self.first_at: float | None = None
         self.last_at = self.started
 
@@ -163,6 +168,7 @@ class _Attempt:
             prompt_tokens,
             output_tokens,
             self.origin,
+            self.queue_s,
         )
 
 
@@ -271,6 +277,8 @@ async def serve_request(
             failure = (502, failure_message(exc))
         else:
             attempt.first_at = attempt.last_at = clock()
+            first, received_at = unstamped(first)
+            attempt.queue_s = queueing(attempt.sent_at, received_at, attempt.first_at - attempt.started)
             failure = _error_of(first[0] if isinstance(first, list) and first else first)
         if failure is None:
             break

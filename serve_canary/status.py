@@ -21,6 +21,7 @@ from serve_canary.shadow import ShadowTally
 
 RECENT_EVENTS = 20
 OVERLOAD = 1.25  # a canary replica taking this much more traffic than a stable one is a finding
+QUEUE_FINDING_MS = 50.0  # canary requests waiting this much longer for a replica (p95) are a finding
 
 
 class ReplicaInfo(BaseModel):
@@ -56,28 +57,51 @@ class RolloutStatus(BaseModel):
     arms: dict[Arm, ArmSummary] | None  # the current window, as last judged
     events: tuple[Event, ...]  # the most recent, oldest first
     capacity: str | None = None  # a canary arm too small for its weight, and what to scale
+    # output tokens per second per running replica over the current window, per arm
+    tokens_per_s_per_replica: dict[Arm, float] | None = None
     shadow: ShadowTally | None = None  # the shadow phase's compared pairs, as last judged
     replica: ReplicaInfo | None = None
 
 
-def capacity_finding(weight: float, replicas: Mapping[Arm, int]) -> str | None:
-    """What to scale when a canary replica takes more of the traffic than a stable one.
+def capacity_finding(
+    weight: float, replicas: Mapping[Arm, int], arms: Mapping[Arm, ArmSummary] | None = None
+) -> str | None:
+    """What to scale when a canary replica takes more of the traffic than a stable one, or the
+    canary's requests wait longer to reach a replica.
 
-    Its latency then reads slower for load, not for the model: the judge's tolerance absorbs
-    some of it, this names the cause and the fix.
+    That is load, not the model: the judge compares times from the replica's receipt, and this
+    names the cause and the fix.
     """
     canary, stable = replicas.get("canary", 0), replicas.get("stable", 0)
     if not 0.0 < weight < 1.0 or canary <= 0 or stable <= 0:
         return None
     per_canary, per_stable = weight / canary, (1.0 - weight) / stable
-    if per_canary <= OVERLOAD * per_stable:
+    findings, needed = [], canary
+    if per_canary > OVERLOAD * per_stable:
+        findings.append(
+            f"each canary replica takes {per_canary / per_stable:.1f}× the traffic of a stable one "
+            f"({canary} canary for {weight:.0%}, {stable} stable for {1.0 - weight:.0%})"
+        )
+        needed = math.ceil(canary * per_canary / per_stable)
+    waits = [arms[arm].queue_ms.p95 if arms and arm in arms else None for arm in ("canary", "stable")]
+    if waits[0] is not None and waits[0] > (waits[1] or 0.0) + QUEUE_FINDING_MS:
+        stable_wait = "—" if waits[1] is None else f"{waits[1]:.0f} ms"
+        findings.append(f"canary requests wait {waits[0]:.0f} ms for a replica at p95 (stable {stable_wait})")
+        needed = max(needed, canary + 1)
+    if not findings:
         return None
-    needed = math.ceil(canary * per_canary / per_stable)
-    return (
-        f"each canary replica takes {per_canary / per_stable:.1f}× the traffic of a stable one "
-        f"({canary} canary for {weight:.0%}, {stable} stable for {1.0 - weight:.0%}): "
-        f"scale the canary to {needed} replicas"
-    )
+    return "; ".join(findings) + f": scale the canary to {needed} replicas"
+
+
+def tokens_per_s_per_replica(
+    arms: Mapping[Arm, ArmSummary], replicas: Mapping[Arm, int], seconds: float
+) -> dict[Arm, float]:
+    """Each arm's output tokens per second per running replica over `seconds` of its window."""
+    return {
+        arm: round(summary.output_tokens / seconds / replicas[arm], 3)
+        for arm, summary in arms.items()
+        if replicas.get(arm, 0) > 0 and seconds > 0.0
+    }
 
 
 def describe(
@@ -113,6 +137,11 @@ def describe(
         last_verdict=latest,
         arms=arms,
         events=state.events[-RECENT_EVENTS:],
-        capacity=capacity_finding(state.weight, replicas) if replicas else None,
+        capacity=capacity_finding(state.weight, replicas, arms) if replicas else None,
+        tokens_per_s_per_replica=(
+            tokens_per_s_per_replica(arms, replicas, evaluated_at - state.phase_started_at)
+            if arms and replicas and evaluated_at is not None
+            else None
+        ),
         shadow=shadow,
     )

@@ -6,6 +6,8 @@ user's `LLMConfig`, with three changes a canary needs.
 - Warm-up: the replica answers a completion and a chat before its constructor returns, so
   Serve never routes users to a cold engine (a cold engine's first requests take seconds and would be
   judged as a slow canary).
+- A receipt stamp (`serve_canary.stamps`) on the first item when the ingress asks for it, so
+  time spent waiting for a replica is not read as the model's time to first token.
 - Shutdown: the vLLM engine (and its worker processes) stops with the replica, so a GPU is
   free for the replacement at once.
 
@@ -25,13 +27,28 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
+from serve_canary.stamps import stamped
 
 logger = logging.getLogger("serve_canary.engines.llm")
 WARM_UP_PROMPT = "warm up"
 
 
 class CanaryLLMServer(LLMServer):
-    """`LLMServer` with first-item stream batching, warm-up and engine shutdown."""
+    """`LLMServer` with first-item stream batching, warm-up, a receipt stamp and engine shutdown."""
+
+    async def chat(  # type: ignore[override]  # one keyword more than LLMServer's
+        self, request: ChatCompletionRequest, raw_request_info: Any = None, stamp: bool = False
+    ) -> AsyncIterator[Any]:
+        received_at = time.time()
+        items = await super().chat(request, raw_request_info)
+        return stamped(items, received_at) if stamp else items
+
+    async def completions(  # type: ignore[override]
+        self, request: CompletionRequest, raw_request_info: Any = None, stamp: bool = False
+    ) -> AsyncIterator[Any]:
+        received_at = time.time()
+        items = await super().completions(request, raw_request_info)
+        return stamped(items, received_at) if stamp else items
 
     async def start(self) -> None:
         await super().start()  # type: ignore[no-untyped-call]  # Ray leaves it untyped

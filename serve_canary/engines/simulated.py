@@ -28,6 +28,7 @@ from serve_canary.openai_api import (
     sse,
     usage,
 )
+from serve_canary.stamps import stamped
 
 _WORDS = ("the", "canary", "sings", "while", "stable", "models", "serve", "tokens", "to", "users")
 
@@ -151,10 +152,15 @@ class SimulatedServer:
         async for batch in batched(self._engine.generate(request), self._engine.args.stream_batching_interval_ms):
             yield batch
 
-    async def chat(self, request: ChatCompletionRequest, raw_request_info: object = None) -> AsyncIterator[Any]:
-        async for item in self._run(request):
+    async def chat(
+        self, request: ChatCompletionRequest, raw_request_info: object = None, stamp: bool = False
+    ) -> AsyncIterator[Any]:
+        """`stamp`: wrap the first item in `stamps.Stamped` (the ingress asks, to see queueing)."""
+        async for item in stamped(self._run(request)) if stamp else self._run(request):
             yield item
 
-    async def completions(self, request: CompletionRequest, raw_request_info: object = None) -> AsyncIterator[Any]:
-        async for item in self._run(request):
+    async def completions(
+        self, request: CompletionRequest, raw_request_info: object = None, stamp: bool = False
+    ) -> AsyncIterator[Any]:
+        async for item in stamped(self._run(request)) if stamp else self._run(request):
             yield item

@@ -164,8 +164,11 @@ def deploy(cluster: dict[str, Any]) -> Iterator[Callable[..., App]]:
         ingress_replicas: int = 1,
         ingress_env: dict[str, str] | None = None,
         arm_replicas: dict[str, int] | None = None,
+        arm_options: dict[str, dict[str, Any]] | None = None,
     ) -> App:
-        name = deploy_app(cluster, args, ingress_replicas, ingress_env, arm_replicas=arm_replicas)
+        name = deploy_app(
+            cluster, args, ingress_replicas, ingress_env, arm_replicas=arm_replicas, arm_options=arm_options
+        )
         deployed.append(name)
         return App(name, cluster["port"], args["model_name"])
 
@@ -181,8 +184,10 @@ def deploy_app(
     ingress_env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
     arm_replicas: dict[str, int] | None = None,
+    arm_options: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Deploy one app through Serve's config path (the `deployments:` overrides included)."""
+    """Deploy one app through Serve's config path (the `deployments:` overrides included;
+    `arm_options`: more of them per arm, e.g. `max_ongoing_requests`)."""
     name = f"t{uuid.uuid4().hex[:8]}"
     ingress: dict[str, Any] = {
         "name": "CanaryIngress",
@@ -192,7 +197,12 @@ def deploy_app(
     if ingress_env is not None:
         ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
     arms = [
-        {"name": arm, "num_replicas": (arm_replicas or {}).get(arm, 1), "ray_actor_options": {"num_cpus": 0}}
+        {
+            "name": arm,
+            "num_replicas": (arm_replicas or {}).get(arm, 1),
+            "ray_actor_options": {"num_cpus": 0},
+            **(arm_options or {}).get(arm, {}),
+        }
         for arm in ("stable", "canary")
         if "llm_config" not in args[arm]
     ]

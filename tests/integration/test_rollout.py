@@ -209,3 +209,37 @@ def test_a_canary_arm_too_small_for_its_weight_is_named_with_what_to_scale(deplo
     app = deploy(app_args(rollout=half), arm_replicas={"stable": 3, "canary": 1})
     status = wait_for(lambda: (s := app.status())["capacity"] and s, 30, "the capacity finding")
     assert "3.0×" in status["capacity"] and "scale the canary to 3 replicas" in status["capacity"]
+
+
+def test_canary_requests_queueing_for_a_busy_replica_are_a_capacity_finding_not_a_rollback(deploy):
+    """The canary's one replica takes one request at a time (`max_ongoing_requests: 1`) at
+    weight 0.5 under 12 clients: its users wait in Serve's router several times longer than
+    the model takes to answer. Same model on both arms: no rollback, the wait is named."""
+    half = {
+        "interval_s": INTERVAL_S,
+        "phases": [{"name": "half", "weight": 0.5, "min_duration_s": 3600}, {"name": "full", "weight": 1.0}],
+    }
+    engine = {"ttft_ms": 40, "itl_ms": 5, "jitter": 0.1}
+    health = {"max_error_rate": 0.1, "max_itl_increase": 2.0, "max_ttft_ms": 10_000, "max_latency_ms": 20_000}
+    app = deploy(
+        app_args(canary_engine=engine, stable_engine=engine, rollout=half, health=health),
+        arm_options={"canary": {"max_ongoing_requests": 1}, "stable": {"max_ongoing_requests": 100}},
+    )
+
+    def settled() -> dict | None:
+        status = app.status()
+        rolled_back = status["status"] == "rolled_back"
+        return status if rolled_back or (status["arms"] and status["arms"]["canary"]["requests"] >= 300) else None
+
+    with background_traffic(app, concurrency=12) as outcomes:
+        status = wait_for(settled, 120, "300 canary requests or a rollback", poll_s=0.5)
+        assert status["status"] == "running", status["events"][-1]["reason"]
+        status = app.evaluations(2)
+    assert status["status"] == "running", status["events"][-1]["reason"]
+    canary, stable = status["arms"]["canary"], status["arms"]["stable"]
+    # What users of the canary waited (seen TTFT) is mostly the queue, not the model.
+    assert canary["queue_ms"]["p95"] > 3 * 40 and canary["ttft_ms"]["p95"] > 2 * stable["ttft_ms"]["p95"]
+    assert "for a replica" in status["capacity"] and "scale the canary to 2 replicas" in status["capacity"]
+    checks = {check["metric"]: check for check in status["last_verdict"]["checks"]}
+    assert checks["ttft_p95_ms"]["decision"] != "fail", checks["ttft_p95_ms"]["reason"]
+    assert set(outcomes) == {"200"}, outcomes

@@ -28,9 +28,14 @@ def traffic(
     seed: int = 0,
     spread: float = 0.2,
     tokens: int = 100,
+    queue_s: float | None = None,
 ) -> None:
     """`requests` records for `arm`, the first `errors` of them failed; `users` keys them (None: keyless);
-    answers of ~`tokens` output tokens."""
+    answers of ~`tokens` output tokens; each waited ~`queue_s` for a replica (None: not stamped),
+    on top of its latencies."""
+    wait = (
+        np.zeros(requests) if queue_s is None else queue_s * np.random.default_rng(seed + 100).uniform(0, 2, requests)
+    )
     rng = np.random.default_rng(seed)
     noise = rng.lognormal(0.0, spread, requests)
     ledger.add(
@@ -43,11 +48,12 @@ def traffic(
                 "v",
                 "error" if i < errors else "ok",
                 "before_first_token" if i < errors else None,
-                None if i < errors else ttft_s * noise[i],
+                None if i < errors else ttft_s * noise[i] + wait[i],
                 0.01 * noise[i],
-                latency_s * noise[i],
+                latency_s * noise[i] + wait[i],
                 3,
                 0 if i < errors else round(tokens * noise[i]),
+                queue_s=None if queue_s is None or i < errors else float(wait[i]),
             )
             for i in range(requests)
         ]
@@ -356,3 +362,25 @@ def test_sticky_users_with_their_own_speeds_keep_latency_false_rollbacks_within_
         failures += any(m.endswith("_ms") for m in verdict.failed_metrics)
     # 6 latency checks at 0.021 each: at most 0.126 by the union bound
     assert failures / trials <= 0.126 + 3 * (0.126 * 0.874 / trials) ** 0.5
+
+
+def test_canary_requests_waiting_for_a_replica_are_load_not_a_slower_model():
+    """The canary arm is short of replicas: its users wait ~0.3 s more to reach one, which
+    doubles their TTFT and adds to their end-to-end time. The model is the same."""
+    arms = window({"requests": 6000, "queue_s": 0.0}, {"requests": 6000, "queue_s": 0.3})
+    seen = arms["canary"].seen("ttft").quantile(0.95), arms["stable"].seen("ttft").quantile(0.95)
+    assert seen[0] > 3 * seen[1]  # what users of the canary saw
+    verdict = verdict_on(arms, weight=0.5)
+    assert not [m for m in verdict.failed_metrics if m.startswith(("ttft", "e2e"))], verdict.reason
+    assert check(verdict, "ttft_p95_ms").decision == "pass"
+
+
+def test_a_model_slower_at_the_replica_is_still_caught_whatever_the_queue():
+    arms = window({"requests": 6000, "queue_s": 0.2}, {"requests": 6000, "ttft_s": 0.15, "queue_s": 0.0})
+    assert "ttft_p95_ms" in verdict_on(arms, weight=0.5).failed_metrics
+
+
+def test_absolute_limits_hold_what_users_waited_queueing_included():
+    health = HEALTH.model_copy(update={"max_ttft_ms": 200.0})
+    arms = window({"requests": 3000, "queue_s": 0.0}, {"requests": 3000, "queue_s": 0.3})
+    assert "ttft_p95_limit" in verdict_on(arms, weight=0.5, health=health).failed_metrics

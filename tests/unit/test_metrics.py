@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from serve_canary.metrics import MetricsLedger, RequestRecord, Reservoir, quantile
 
@@ -15,10 +16,10 @@ def record(
     unit: str | None = None,
     e2e: float = 0.4,
     ttft: float | None = 0.05,
+    queue: float | None = None,
 ) -> RequestRecord:
-    return RequestRecord(
-        request_id, window, unit, arm, "v2" if arm == "canary" else "v1", outcome, None, ttft, 0.01, e2e, 5, 10
-    )
+    version = "v2" if arm == "canary" else "v1"
+    return RequestRecord(request_id, window, unit, arm, version, outcome, None, ttft, 0.01, e2e, 5, 10, queue_s=queue)
 
 
 def test_quantile_matches_numpy():
@@ -107,3 +108,14 @@ def test_a_testers_forced_request_is_never_judged():
     ledger = MetricsLedger()
     ledger.add([record("a", outcome="error")._replace(origin="tester")])
     assert ledger.windows == []
+
+
+def test_waiting_for_a_replica_is_kept_apart_from_what_the_replica_took():
+    ledger = MetricsLedger()
+    ledger.add([record("a", ttft=0.35, e2e=0.7, queue=0.3), record("b", ttft=0.05, e2e=0.4)])
+    canary = ledger.window("w1")["canary"]
+    assert sorted(canary.seen("ttft").values) == [0.05, 0.35]  # what users waited
+    assert sorted(canary.samples("ttft").values) == pytest.approx([0.05, 0.05])  # what the judge compares
+    assert sorted(canary.samples("e2e").values) == pytest.approx([0.4, 0.4])
+    assert canary.queue_s.values == [0.3]  # an unstamped request's wait is unknown, not 0
+    assert canary.summary().queue_ms.p95 == 300.0

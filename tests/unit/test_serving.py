@@ -3,6 +3,7 @@ against the simulated model server itself (the same object Serve runs as a repli
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -24,16 +25,20 @@ def table(weight: float) -> RoutingTable:
 
 
 class Opened:
-    """Counts what the arm was asked and whether each call ran to its end or was closed."""
+    """Counts what the arm was asked and whether each call ran to its end or was closed; asks
+    for the replica's receipt stamp as the ingress does. `wait_s`: how long a call takes to
+    reach the replica (Serve's router holding it while the arm's replicas are busy)."""
 
-    def __init__(self, server: SimulatedServer) -> None:
-        self.server, self.calls, self.closed_early = server, 0, 0
+    def __init__(self, server: SimulatedServer, wait_s: float = 0.0) -> None:
+        self.server, self.calls, self.closed_early, self.wait_s = server, 0, 0, wait_s
 
     def __call__(self, kind: Kind, request: Any):
         self.calls += 1
-        return self._run(getattr(self.server, kind)(request))
+        return self._run(kind, request)
 
-    async def _run(self, stream):
+    async def _run(self, kind: Kind, request: Any):
+        await asyncio.sleep(self.wait_s)
+        stream = getattr(self.server, kind)(request, stamp=True)
         finished = False
         try:
             async for item in stream:
@@ -45,11 +50,12 @@ class Opened:
             await stream.aclose()
 
 
-def arms(canary: dict | None = None, stable: dict | None = None) -> dict[Arm, ArmEndpoint]:
+def arms(canary: dict | None = None, stable: dict | None = None, canary_wait_s: float = 0.0) -> dict[Arm, ArmEndpoint]:
     made = {}
     for name, version, extra in (("stable", "v1", stable), ("canary", "v2", canary)):
         server = SimulatedServer(f"model-{version}", {**FAST, **(extra or {})})
-        made[name] = ArmEndpoint(name, version, f"model-{version}", MODELS, Opened(server))
+        wait_s = canary_wait_s if name == "canary" else 0.0
+        made[name] = ArmEndpoint(name, version, f"model-{version}", MODELS, Opened(server, wait_s))
     return made
 
 
@@ -218,3 +224,15 @@ def test_the_canarys_first_item_deadline_is_the_floor_until_stable_itself_is_slo
     for _ in range(100):
         deadline.observe(0.05)  # and back
     assert deadline.seconds == 1.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_wait_to_reach_a_replica_is_recorded_apart_and_the_stamp_never_reaches_the_client(stream):
+    served, records = await call(chat(stream=stream), weight=1.0, endpoints=arms(canary_wait_s=0.2))
+    if stream:
+        assert all(event.startswith("data: ") for event in sse_events(await drain(served)))
+    else:
+        assert served.body["choices"][0]["message"]["content"]
+    [record] = records
+    assert record.queue_s is not None and 0.2 <= record.queue_s <= record.ttft_s
+    assert record.ttft_s - record.queue_s < 0.1  # the engine's 5 ms, not the wait

@@ -1,10 +1,12 @@
-"""The capacity finding: a canary arm too small for its weight is named, with what to scale."""
+"""The capacity finding: a canary arm too small for its weight is named, with what to scale;
+throughput per replica."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve_canary.status import capacity_finding
+from serve_canary.metrics import ArmSummary, Percentiles
+from serve_canary.status import capacity_finding, tokens_per_s_per_replica
 
 
 def test_a_canary_replica_taking_far_more_traffic_than_a_stable_one_is_a_finding():
@@ -25,3 +27,36 @@ def test_a_canary_replica_taking_far_more_traffic_than_a_stable_one_is_a_finding
 )
 def test_an_arm_sized_for_its_share_or_unknown_counts_is_no_finding(weight, replicas):
     assert capacity_finding(weight, replicas) is None
+
+
+def _summary(queue_p95_ms: float | None, output_tokens: int = 0) -> ArmSummary:
+    empty = Percentiles(p50=None, p95=None, p99=None)
+    return ArmSummary(
+        requests=100,
+        errors=0,
+        error_rate=0.0,
+        error_kinds={},
+        ttft_ms=empty,
+        itl_ms=empty,
+        e2e_ms=empty,
+        queue_ms=Percentiles(p50=None, p95=queue_p95_ms, p99=None),
+        tokens_per_answer=empty,
+        output_tokens=output_tokens,
+        mean_rating=None,
+        hallucinations=0,
+    )
+
+
+def test_canary_requests_waiting_longer_for_a_replica_are_a_finding():
+    arms = {"stable": _summary(4.0), "canary": _summary(420.0)}
+    finding = capacity_finding(0.2, {"canary": 1, "stable": 4}, arms)
+    assert finding is not None and "wait 420 ms for a replica" in finding and "scale the canary to 2" in finding
+    assert (
+        capacity_finding(0.2, {"canary": 1, "stable": 4}, {"stable": _summary(4.0), "canary": _summary(30.0)}) is None
+    )
+
+
+def test_tokens_per_second_per_replica_divides_by_the_window_and_the_running_replicas():
+    arms = {"stable": _summary(None, output_tokens=12_000), "canary": _summary(None, output_tokens=3_000)}
+    assert tokens_per_s_per_replica(arms, {"stable": 4, "canary": 1}, 10.0) == {"stable": 300.0, "canary": 300.0}
+    assert tokens_per_s_per_replica(arms, {"stable": 4}, 10.0) == {"stable": 300.0}
