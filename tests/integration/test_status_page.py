@@ -107,6 +107,8 @@ def test_status_page_shows_the_phase_and_follows_a_set_weight(deploy, chromium):
     wait_for(lambda: page.text("phase") == "init", 20, "the page to show the phase")
     assert page.text("weight") == "5%" and page.text("status") == "running"
     assert "test-llm: v1 → v2" == page.text("title")
+    assert app.chat("u1").status_code == 200
+    wait_for(lambda: "stable: waited p95" in page.text("load"), 20, "the page to show each arm's queueing")
 
     assert app.admin("PUT", "weight", json={"weight": 0.3}).status_code == 200
     wait_for(lambda: page.text("weight") == "30%", 10, "the page to follow the new weight")
