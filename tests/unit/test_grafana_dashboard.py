@@ -43,7 +43,7 @@ def exported_names() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     exporter = PrometheusExporter("m")
-    served = RequestRecord("r", "w", None, "canary", "v2", "ok", None, 0.1, 0.01, 0.5, 3, 5)
+    served = RequestRecord("r", "w", None, "canary", "v2", "ok", None, 0.1, 0.01, 0.5, 3, 5, queue_s=0.02)
     exporter.record([served])
     exporter.feedback("canary", "v2", 4.0, True)
     phases = (PhaseConfig(name="p", weight=0.1), PhaseConfig(name="full", weight=1.0))
@@ -53,7 +53,9 @@ def exported_names() -> set[str]:
     for aggregate in arms:
         aggregate.add(served)
     verdict = judge(*arms, HealthConfig(), 1, 0.01, weight=0.5)
-    exporter.rollout(describe("app", "m", rolled_back, phases, verdict, None, None, 1.0), rolled_back.events[-1])
+    summaries = {"stable": arms[0].summary(), "canary": arms[1].summary()}
+    status = describe("app", "m", rolled_back, phases, verdict, summaries, 2.0, 2.0, {"stable": 1, "canary": 1})
+    exporter.rollout(status, rolled_back.events[-1])
     return {s.name for f in text_string_to_metric_families(exporter.exposition().decode()) for s in f.samples}
 
 
