@@ -12,9 +12,11 @@ different, however its requests cluster.
   end-to-end and inter-token latency at p95 and p99, more canary users above
   `max_*_increase` × stable's quantile than stable users above the quantile itself (worse by
   more than the tolerance); when its users' mean rating is lower than stable's by more than
-  `max_rating_decrease` of the rating range. Or when the canary is over an absolute limit with confidence while
-  stable is within it; when stable is over the same limit too, the verdict is WAIT with an
-  alert: a shared incident is not the canary's regression.
+  `max_rating_decrease` of the rating range. Or when the canary is over an absolute limit with
+  confidence while stable is within it; when stable is over the same limit too, the verdict is
+  WAIT with an alert: a shared incident is not the canary's regression. Latencies compared
+  between arms run from the replica's receipt (queueing is load, `metrics`); limits hold what
+  users waited.
 - PASS needs evidence, not silence: `min_requests` on both arms and,
   for every metric that gates promotion, the dual test (canary shown within the tolerance:
   for errors, a unit error rate below `max_error_rate_increase` × stable's or a request error
@@ -232,9 +234,8 @@ class MetricCheck:
     metric: str
     stable: float | None
     canary: float | None
-    limit: (
-        float | None
-    )  # the tolerance (canary/stable), the absolute limit, the rating margin, or a shadow comparator's max_rate
+    # the tolerance (canary/stable), the absolute limit, the rating margin, or a shadow comparator's max_rate
+    limit: float | None
     decision: Decision
     reason: str
     stats: UnitStats | LimitStats | RatingStats | PairStats | None = None
