@@ -25,7 +25,6 @@ from rich.text import Text
 
 from serve_canary.config import ADMIN_TOKEN_ENV, ConfigError, parse_config
 from serve_canary.http_client import AdminRefused, HttpControllerClient
-from serve_canary.judge import PairStats, RatingStats, UnitStats
 from serve_canary.rollout import TransitionError
 from serve_canary.status import RolloutStatus
 
@@ -112,7 +111,7 @@ def status_view(status: RolloutStatus) -> Group:
                 _fmt(check.stable),
                 _fmt(check.canary),
                 _fmt(check.limit),
-                _fmt(check.stats.e_value if isinstance(check.stats, UnitStats | RatingStats | PairStats) else None),
+                _fmt(check.e_value),
                 Text(check.decision, style=colours[check.decision]),
             )
         parts.append(table)

@@ -243,6 +243,11 @@ class MetricCheck:
     promotion_segment: Segment = NO_SEGMENT  # and to the promotion test
     alert: bool = False  # both arms are over an absolute limit
 
+    @property
+    def e_value(self) -> float | None:
+        """The e-value of "the canary is worse", for a check that runs a test (not a limit)."""
+        return self.stats.e_value if isinstance(self.stats, UnitStats | RatingStats | PairStats) else None
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -163,13 +163,12 @@ class ArmAggregate:
             self.errors += 1
             self.error_kinds[record.error_kind or "unknown"] += 1
             latencies = {}
-        queue = record.queue_s or 0.0
         if latencies and record.queue_s is not None:
             self.queue_s.add(record.queue_s)
-        for latency in ("ttft", "e2e"):
+        for latency in ("ttft", "e2e"):  # users waited the queue too; the model's time starts at the replica
             if (value := latencies.get(latency)) is not None:
                 self.seen(latency).add(value)
-                latencies[latency] = max(value - queue, 0.0)
+                latencies[latency] = max(value - (record.queue_s or 0.0), 0.0)
         for latency, value in latencies.items():
             if value is not None:
                 self.samples(latency).add(value)

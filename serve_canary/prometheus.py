@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from serve_canary.judge import PairStats, RatingStats, UnitStats
 from serve_canary.metrics import RequestRecord
 from serve_canary.rollout import STATUSES, Event
 from serve_canary.shadow import PairOutcome
@@ -269,8 +268,8 @@ class PrometheusExporter:
         if verdict is not None:
             self.judge_decision.labels(self.model).set(DECISION_VALUES[verdict.decision])
             for check in verdict.checks:
-                if isinstance(check.stats, UnitStats | RatingStats | PairStats):
-                    self.judge_e_value.labels(self.model, check.metric).set(check.stats.e_value)
+                if check.e_value is not None:
+                    self.judge_e_value.labels(self.model, check.metric).set(check.e_value)
                 if check.stats is not None and check.stats.kind == "limit":
                     self.slo_alert.labels(self.model, check.metric).set(1.0 if check.alert else 0.0)
 

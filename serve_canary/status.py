@@ -83,10 +83,12 @@ def capacity_finding(
             f"({canary} canary for {weight:.0%}, {stable} stable for {1.0 - weight:.0%})"
         )
         needed = math.ceil(canary * per_canary / per_stable)
-    waits = [arms[arm].queue_ms.p95 if arms and arm in arms else None for arm in ("canary", "stable")]
-    if waits[0] is not None and waits[0] > (waits[1] or 0.0) + QUEUE_FINDING_MS:
-        stable_wait = "—" if waits[1] is None else f"{waits[1]:.0f} ms"
-        findings.append(f"canary requests wait {waits[0]:.0f} ms for a replica at p95 (stable {stable_wait})")
+    canary_wait, stable_wait = (
+        arms[arm].queue_ms.p95 if arms and arm in arms else None for arm in ("canary", "stable")
+    )
+    if canary_wait is not None and canary_wait > (stable_wait or 0.0) + QUEUE_FINDING_MS:
+        stable_shown = "—" if stable_wait is None else f"{stable_wait:.0f} ms"
+        findings.append(f"canary requests wait {canary_wait:.0f} ms for a replica at p95 (stable {stable_shown})")
         needed = max(needed, canary + 1)
     if not findings:
         return None

@@ -1,5 +1,5 @@
 """The vLLM arm: Ray Serve LLM's `LLMServer`, built by Ray Serve LLM's own builder from the
-user's `LLMConfig`, with three changes a canary needs.
+user's `LLMConfig`, with four changes a canary needs.
 
 - Stream batching with the first-item rule (`serve_canary.batching`): `LLMServer` holds even
   the first token for its 50 ms interval, which a canary would report as slower TTFT.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 from ray.serve.deployment import Application
@@ -39,15 +39,18 @@ class CanaryLLMServer(LLMServer):
     async def chat(  # type: ignore[override]  # one keyword more than LLMServer's
         self, request: ChatCompletionRequest, raw_request_info: Any = None, stamp: bool = False
     ) -> AsyncIterator[Any]:
-        received_at = time.time()
-        items = await super().chat(request, raw_request_info)
-        return stamped(items, received_at) if stamp else items
+        return await self._maybe_stamped(super().chat(request, raw_request_info), stamp)
 
     async def completions(  # type: ignore[override]
         self, request: CompletionRequest, raw_request_info: Any = None, stamp: bool = False
     ) -> AsyncIterator[Any]:
+        return await self._maybe_stamped(super().completions(request, raw_request_info), stamp)
+
+    @staticmethod
+    async def _maybe_stamped(call: Awaitable[AsyncIterator[Any]], stamp: bool) -> AsyncIterator[Any]:
+        """`LLMServer`'s answer to `call`, its first item stamped with when the call got here if asked."""
         received_at = time.time()
-        items = await super().completions(request, raw_request_info)
+        items = await call
         return stamped(items, received_at) if stamp else items
 
     async def start(self) -> None:

@@ -144,23 +144,21 @@ class SimulatedServer:
     def __init__(self, model_id: str, engine_args: dict[str, Any]) -> None:
         self._engine = SimulatedEngine(model_id, SimulatedEngineArgs.model_validate(engine_args))
 
-    async def _run(self, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[Any]:
-        if not request.stream:
-            async for item in self._engine.generate(request):
-                yield item
-            return
-        async for batch in batched(self._engine.generate(request), self._engine.args.stream_batching_interval_ms):
-            yield batch
+    def _run(self, request: ChatCompletionRequest | CompletionRequest, stamp: bool) -> AsyncIterator[Any]:
+        """`stamp`: wrap the first item in `stamps.Stamped` (the ingress asks, to see queueing)."""
+        items = self._engine.generate(request)
+        if request.stream:
+            items = batched(items, self._engine.args.stream_batching_interval_ms)
+        return stamped(items) if stamp else items
 
     async def chat(
         self, request: ChatCompletionRequest, raw_request_info: object = None, stamp: bool = False
     ) -> AsyncIterator[Any]:
-        """`stamp`: wrap the first item in `stamps.Stamped` (the ingress asks, to see queueing)."""
-        async for item in stamped(self._run(request)) if stamp else self._run(request):
+        async for item in self._run(request, stamp):
             yield item
 
     async def completions(
         self, request: CompletionRequest, raw_request_info: object = None, stamp: bool = False
     ) -> AsyncIterator[Any]:
-        async for item in stamped(self._run(request)) if stamp else self._run(request):
+        async for item in self._run(request, stamp):
             yield item
