@@ -17,6 +17,7 @@ re-frames a token chunk, so a batch crosses to the client as one write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -297,9 +298,11 @@ async def serve_request(
     if not envelope.stream:
         body = _unary(first, endpoint, attempt, record, capture)
         # Drain, not close: the end of a one-item stream is already on its way, and closing it
-        # early would cost a cancellation message per request.
-        async for _ in stream:
-            pass
+        # early would cost a cancellation message per request. The answer is whole and
+        # recorded: an arm lost now (its node gone) is not the client's failure.
+        with contextlib.suppress(Exception):
+            async for _ in stream:
+                pass
         return Served(arm, endpoint.version, attempt.request_id, table.window, unit, body=body)
     relayed = _relay(first, stream, attempt, record, envelope.include_usage, capture)
     return Served(arm, endpoint.version, attempt.request_id, table.window, unit, stream=relayed)
@@ -367,7 +370,7 @@ async def _relay(
     tail = _StreamTail()
     kept: list[str] = []  # every item, only for a captured answer
     received = 0
-    finished = False
+    finished = whole = False
     outcome, error_kind = "ok", None
     try:
         batch: list[Any] | None = first
@@ -386,6 +389,9 @@ async def _relay(
                 kept.extend(items)
             if not include_usage:
                 items = items[:-2] + [item for item in items[-2:] if not _is_usage_only(item)]
+            # A client may leave once it has `[DONE]` (OpenAI's SDK does) before the arm's
+            # stream has ended: the answer it got is whole, not cancelled.
+            whole = whole or any(item.startswith(DONE_EVENT) for item in items)
             if items:
                 yield "".join(items)
             try:
@@ -395,6 +401,8 @@ async def _relay(
                 batch = None
         finished = True
     except Exception as exc:
+        if whole:  # the arm was lost after its last event: the client has the whole answer
+            return
         finished = True
         outcome, error_kind = "error", "midstream"
         message = failure_message(exc)
@@ -403,11 +411,11 @@ async def _relay(
         prompt, completion, finish = tail.summary()
         if not finished:  # the client went away: cancel the generation, even after an error event
             await _close(stream)
-            if outcome == "ok":
-                outcome, completion = "cancelled", completion or received
+        if outcome == "ok" and not (finished or whole):
+            outcome, completion = "cancelled", completion or received
         elif outcome == "ok":
             outcome, error_kind = _outcome([finish] if finish else [])
         finished_record = attempt.record(outcome, error_kind, prompt, completion)
         record(finished_record)
-        if capture is not None and finished:
+        if capture is not None and (finished or whole):
             capture(attempt.arm, _answer(finished_record, stream_text(kept), finish))

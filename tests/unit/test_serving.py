@@ -27,10 +27,15 @@ def table(weight: float) -> RoutingTable:
 class Opened:
     """Counts what the arm was asked and whether each call ran to its end or was closed; asks
     for the replica's receipt stamp as the ingress does. `wait_s`: how long a call takes to
-    reach the replica (Serve's router holding it while the arm's replicas are busy)."""
+    reach the replica (Serve's router holding it while the arm's replicas are busy).
+    `end_wait_s` and `lost_at_end`: the end of the stream, after its last item, arrives late
+    (a busy node) or not at all (the node is lost: Ray raises instead)."""
 
-    def __init__(self, server: SimulatedServer, wait_s: float = 0.0) -> None:
+    def __init__(
+        self, server: SimulatedServer, wait_s: float = 0.0, end_wait_s: float = 0.0, lost_at_end: bool = False
+    ) -> None:
         self.server, self.calls, self.closed_early, self.wait_s = server, 0, 0, wait_s
+        self.end_wait_s, self.lost_at_end = end_wait_s, lost_at_end
 
     def __call__(self, kind: Kind, request: Any):
         self.calls += 1
@@ -43,6 +48,9 @@ class Opened:
         try:
             async for item in stream:
                 yield item
+            await asyncio.sleep(self.end_wait_s)
+            if self.lost_at_end:
+                raise ConnectionError("the node holding the replica was lost")
             finished = True
         finally:
             if not finished:
@@ -50,12 +58,14 @@ class Opened:
             await stream.aclose()
 
 
-def arms(canary: dict | None = None, stable: dict | None = None, canary_wait_s: float = 0.0) -> dict[Arm, ArmEndpoint]:
+def arms(
+    canary: dict | None = None, stable: dict | None = None, canary_wait_s: float = 0.0, **stable_end: Any
+) -> dict[Arm, ArmEndpoint]:
     made = {}
     for name, version, extra in (("stable", "v1", stable), ("canary", "v2", canary)):
         server = SimulatedServer(f"model-{version}", {**FAST, **(extra or {})})
-        wait_s = canary_wait_s if name == "canary" else 0.0
-        made[name] = ArmEndpoint(name, version, f"model-{version}", MODELS, Opened(server, wait_s))
+        opened = Opened(server, canary_wait_s) if name == "canary" else Opened(server, **stable_end)
+        made[name] = ArmEndpoint(name, version, f"model-{version}", MODELS, opened)
     return made
 
 
@@ -173,6 +183,24 @@ async def test_a_client_that_goes_away_cancels_the_generation_and_is_recorded_ca
     assert endpoints["stable"].open.closed_early == 1
     [record] = records
     assert record.outcome == "cancelled" and record.output_tokens < 200
+
+
+async def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer_not_a_cancelled_one():
+    # OpenAI's SDK closes the connection on `[DONE]`, before the arm's stream has ended.
+    served, records = await call(chat(stream=True), endpoints=arms(end_wait_s=0.5))
+    assert served.stream is not None
+    async for block in served.stream:
+        if block.endswith("data: [DONE]\n\n"):
+            break
+    await served.stream.aclose()
+    [record] = records
+    assert (record.outcome, record.output_tokens) == ("ok", FAST["output_tokens"])
+
+
+async def test_an_arm_lost_after_its_unary_answer_does_not_fail_the_answer():
+    served, records = await call(chat(max_tokens=4), endpoints=arms(lost_at_end=True))
+    assert served.body["choices"][0]["finish_reason"] == "length"
+    assert [(r.outcome, r.output_tokens) for r in records] == [("ok", 4)]
 
 
 async def test_text_completions_are_served_the_same_way():
