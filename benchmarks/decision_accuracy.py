@@ -66,6 +66,7 @@ class Scenario:
     drift_per_interval: float = 0.0  # both arms slow down over time
     stable_burst: tuple[int, int] | None = None  # intervals [a, b): stable errors at 30 %
     load_linked: float = 0.0  # latency × (1 + this × the arm's load), one replica per arm
+    max_error_rate_increase: float | None = None  # serve-canary's tolerance, if not the default
 
 
 SCENARIOS = (
@@ -83,6 +84,10 @@ SCENARIOS = (
     Scenario("errors 1%→2%", regression=True, canary_error=0.02),
     Scenario("errors 1%→5%", regression=True, canary_error=0.05),
     Scenario("errors 1%→1.3%", regression=True, canary_error=0.013),
+    Scenario("A/A, max_error_rate_increase 1.2", max_error_rate_increase=1.2),
+    Scenario(
+        "errors 1%→1.3%, max_error_rate_increase 1.2", regression=True, canary_error=0.013, max_error_rate_increase=1.2
+    ),
     Scenario("errors 1%→3%, sticky users", regression=True, canary_error=0.03, users=20_000, user_spread=1.0),
     Scenario("errors 2×, after a stable burst", regression=True, canary_error=0.02, stable_burst=(4, 7)),
     Scenario("latency 2×", regression=True, canary_latency=2.0),
@@ -91,8 +96,9 @@ SCENARIOS = (
 )
 
 
-def make_judges() -> list:
-    health = HealthConfig()
+def make_judges(scenario: Scenario | None = None) -> list:
+    tolerance = scenario.max_error_rate_increase if scenario is not None else None
+    health = HealthConfig() if tolerance is None else HealthConfig(max_error_rate_increase=tolerance)
     baseline_p99_ms = E2E_MEDIAN_S * np.exp(2.326 * SIGMA) * 1000.0
     return [
         ServeCanaryJudge(health),
@@ -251,8 +257,9 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
             int(phase.min_duration_s),
             len(PHASES) - 1,
         )
-        decision = judge.decide(look)
-        verdict = Verdict(decision, decision, (), arms["stable"].requests, arms["canary"].requests)
+        verdict = judge.decide(look)
+        if isinstance(verdict, str):
+            verdict = Verdict(verdict, verdict, (), arms["stable"].requests, arms["canary"].requests)
         state = rollout.evaluate(state, verdict, PHASES, float(interval), auto_rollback=True)
         if state.status == "rolled_back":
             return "rolled_back", served, served_canary
@@ -263,7 +270,8 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
 
 def _run_cell(args: tuple[int, int, int]) -> dict:
     judge_index, scenario_index, rollouts = args
-    judge, scenario = make_judges()[judge_index], SCENARIOS[scenario_index]
+    scenario = SCENARIOS[scenario_index]
+    judge = make_judges(scenario)[judge_index]
     outcomes = [run_rollout(judge, scenario, seed=10_000 * scenario_index + i) for i in range(rollouts)]
     rolled = [served for outcome, served, _ in outcomes if outcome == "rolled_back"]
     rolled_canary = [canary for outcome, _, canary in outcomes if outcome == "rolled_back"]

@@ -12,7 +12,8 @@
   phase has run its minimum time, at a Bonferroni-corrected confidence over the phases; or,
   as a live canary would misuse it, repeated at every look.
 
-Each judge is `decide(look)` → "pass" | "wait" | "fail".
+Each judge is `decide(look)` → "pass" | "wait" | "fail"; serve-canary's returns its whole
+`Verdict` (its WAIT may be `awaiting_evidence`, which lets a phase short of full traffic step up).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ServeCanaryJudge:
         self._closed = 0
         self._last: Verdict | None = None
 
-    def decide(self, look: Look) -> str:
+    def decide(self, look: Look) -> Verdict:
         if look.closed_windows > self._closed:  # the window of the last look has closed
             self._closed = look.closed_windows
             if self._last is not None:
@@ -75,7 +76,7 @@ class ServeCanaryJudge:
             weight=look.weight,
             window_index=look.window_seq,
         )
-        return self._last.decision
+        return self._last
 
 
 class SeedJudge:

@@ -21,7 +21,7 @@ different, however its requests cluster.
   for every metric that gates promotion, the dual test (canary shown within the tolerance:
   for errors, a unit error rate below `max_error_rate_increase` × stable's or a request error
   rate bounded below `max_error_rate`).
-- Otherwise WAIT, with the reason.
+- Otherwise WAIT, with the reason; `awaiting_evidence` when only those dual tests are missing.
 
 Both tests run over the whole attempt: each closed window enters as its `Segment`s (the last
 verdict's counts and weight) as a factor of its own, which a ratio that changes from window
@@ -256,6 +256,10 @@ class Verdict:
     checks: tuple[MetricCheck, ...]
     stable_requests: int
     canary_requests: int
+    # WAIT only for the tests that would show the canary within its tolerances: the traffic
+    # minimums are met, no alert is raised and every comparison is running. Enough for a step
+    # that leaves the canary short of full traffic (`rollout.evaluate`), not for full traffic.
+    awaiting_evidence: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (lists, not tuples), as it is persisted and shown."""
@@ -509,7 +513,8 @@ def _decide(
     waiting = [check for check in checks if check.decision == "wait"]
     if waiting:
         reason = "; ".join(f"{c.metric}: {c.reason}" for c in waiting)
-        return Verdict("wait", reason, checks, stable_requests, canary_requests)
+        awaiting_evidence = all(isinstance(c.stats, UnitStats) for c in waiting)
+        return Verdict("wait", reason, checks, stable_requests, canary_requests, awaiting_evidence)
     return Verdict("pass", passed, checks, stable_requests, canary_requests)
 
 

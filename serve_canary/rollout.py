@@ -245,10 +245,20 @@ def _advance(
     )
 
 
+def _may_step(state: RolloutState, phases: tuple[PhaseConfig, ...], verdict: Verdict) -> bool:
+    following = state.phase_index + 1
+    needs_proof = phases[following].approval or following == len(phases) - 1
+    return verdict.decision == "pass" or (verdict.awaiting_evidence and not needs_proof)
+
+
 def evaluate(
     state: RolloutState, verdict: Verdict, phases: tuple[PhaseConfig, ...], now: float, auto_rollback: bool
 ) -> RolloutState:
-    """Apply the judge's verdict on the current window."""
+    """Apply the judge's verdict on the current window: FAIL rolls back. After the phase's
+    `min_duration_s`, a step that leaves the canary short of full traffic needs no failing
+    check (PASS, or WAIT only for evidence: Argo's and Flagger's rule, while the rollback tests
+    watch every look and gain power at each higher weight); the step into the last phase or
+    into an approval gate needs PASS, the canary shown within every tolerance."""
     if state.terminal:
         return state
     if verdict.decision == "fail" and auto_rollback:
@@ -263,12 +273,14 @@ def evaluate(
             evidence=verdict.to_dict(),
             latest=verdict,
         )
-    if state.status != "running" or verdict.decision != "pass":
+    if state.status != "running" or not _may_step(state, phases, verdict):
         return state
-    phase = phases[state.phase_index]
+    phase, following = phases[state.phase_index], phases[state.phase_index + 1]
     if now - state.phase_started_at < phase.min_duration_s:
         return state
-    following = phases[state.phase_index + 1]
+    if verdict.decision == "wait":
+        reason = f"phase {phase.name} met its minimums and no check fails; full traffic will need proof"
+        return _advance(state, phases, now, "promote", reason, verdict)
     if following.approval:
         return _move(
             state,
@@ -420,7 +432,7 @@ def waiting_for(state: RolloutState, phases: tuple[PhaseConfig, ...], latest: Ve
         return f"operator approval to enter phase {phases[state.phase_index + 1].name}"
     if latest is None:
         return "the first evaluation of this phase"
-    if latest.decision != "pass":
+    if not _may_step(state, phases, latest):
         return latest.reason
     remaining = phase.min_duration_s - (now - state.phase_started_at)
     return f"{remaining:.0f} s more in phase {phase.name} (min_duration_s {phase.min_duration_s:g})"

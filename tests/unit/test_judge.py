@@ -107,8 +107,22 @@ def test_equal_arms_with_enough_data_pass_with_evidence():
 
 
 def test_equal_arms_with_little_data_wait_rather_than_pass():
-    verdict = verdict_on(window({"requests": 150, "errors": 2}, {"requests": 150, "errors": 2}), weight=0.5)
+    verdict = verdict_on(window({"requests": 300, "errors": 3}, {"requests": 300, "errors": 3}), weight=0.5)
     assert verdict.decision == "wait" and "not yet shown within" in verdict.reason
+    assert verdict.awaiting_evidence  # nothing but the proof is missing: a step short of full traffic may go
+
+
+def test_a_wait_for_traffic_a_quantile_not_yet_fixed_or_an_alert_is_more_than_missing_proof():
+    short = verdict_on(window({"requests": 300}, {"requests": 99}), weight=0.5)
+    unfixed = verdict_on(window({"requests": 150}, {"requests": 150}), weight=0.5)
+    both_slow = verdict_on(
+        window({"requests": 300, "latency_s": 0.5}, {"requests": 300, "latency_s": 0.5}),
+        weight=0.5,
+        health=HealthConfig(max_latency_ms=400),
+    )
+    assert "stable's quantile is not fixed yet" in unfixed.reason and both_slow.alerts
+    assert [v.decision for v in (short, unfixed, both_slow)] == ["wait"] * 3
+    assert not any(v.awaiting_evidence for v in (short, unfixed, both_slow))
 
 
 def test_many_more_canary_errors_fail_even_before_min_requests():

@@ -65,6 +65,30 @@ def test_wait_never_advances_however_long():
     assert evaluate(state, WAIT, PHASES, 1e9, True) is state
 
 
+UNPROVEN = Verdict("wait", "error_rate: not yet shown within 1.5×", (), 100, 100, awaiting_evidence=True)
+
+
+def test_a_phase_short_of_full_traffic_steps_up_on_its_minimums_when_no_check_fails():
+    state = fresh()
+    assert evaluate(state, UNPROVEN, PHASES, 9.9, True) is state
+    assert waiting_for(state, PHASES, UNPROVEN, 4) == "6 s more in phase init (min_duration_s 10)"
+    early = evaluate(state, UNPROVEN, PHASES, 10, True)
+    assert (early.status, early.weight, early.events[-1].action) == ("running", 0.2, "promote")
+    assert "full traffic will need proof" in early.events[-1].reason
+    progress = evaluate(early, UNPROVEN, PHASES, 20, True)
+    assert progress.weight == 0.5
+    # the approval gate (and full traffic) needs the canary shown within its tolerances
+    assert evaluate(progress, UNPROVEN, PHASES, 1e9, True) is progress
+    assert waiting_for(progress, PHASES, UNPROVEN, 1e9) == UNPROVEN.reason
+    assert evaluate(progress, PASS, PHASES, 30, True).status == "awaiting_approval"
+
+
+def test_a_plan_of_one_step_to_full_traffic_needs_proof():
+    phases = (PhaseConfig(name="a", weight=0.1), PhaseConfig(name="b", weight=1.0))
+    state = start("r", "v1", "v2", phases, 0)
+    assert evaluate(state, UNPROVEN, phases, 1e9, True) is state
+
+
 def test_pass_after_min_duration_promotes_and_opens_a_new_window():
     state = fresh()
     promoted = evaluate(state, PASS, PHASES, 10, True)
