@@ -189,6 +189,8 @@ def _serve(
         aggregate.error_kinds["before_first_token"] += int(failed.sum())
         for latency, values in latencies.items():
             _reservoir_extend(aggregate.samples(latency), values, rng)
+            if latency in ("ttft", "e2e"):  # no queueing simulated: users wait what the replica takes
+                _reservoir_extend(aggregate.seen(latency), values, rng)
     if arm == "stable":
         fix_thresholds(arms)
     tally = arms[arm].units

@@ -1,4 +1,4 @@
-"""The benchmark's Kayenta-style statistics against scipy."""
+"""The benchmark's Kayenta-style statistics against scipy, and its simulated world as the judge sees it."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def test_hodges_lehmann_interval_is_where_the_shifted_test_stops_rejecting():
     assert p_at(test.shift) > 0.5
     assert p_at(test.low + 0.02 * width) > 0.04 and p_at(test.high - 0.02 * width) > 0.04
     assert p_at(test.low - 0.2 * width) < 0.05 and p_at(test.high + 0.2 * width) < 0.05
+
+
+def test_the_simulated_world_feeds_the_latencies_users_wait_and_the_judge_holds_at_a_shared_slo_breach():
+    from benchmarks.decision_accuracy import SCENARIOS, make_judges, run_rollout
+
+    both_slow = next(s for s in SCENARIOS if "both over" in s.name)
+    [serve_canary_judge, *_] = make_judges(both_slow)
+    assert run_rollout(serve_canary_judge, both_slow, seed=1)[0] == "undecided"  # WAIT with an alert throughout
+    healthy = next(s for s in SCENARIOS if s.name == "A/A")
+    assert run_rollout(serve_canary_judge, healthy, seed=1)[0] == "promoted"
