@@ -8,7 +8,7 @@ the weight, as the router does) whose error rates, latencies and activity differ
 enter serve-canary's own `ArmAggregate` and `UnitTally`, thresholds are fixed by
 `metrics.fix_thresholds`.
 
-    python -m benchmarks.decision_accuracy            # 500 rollouts per scenario (~40 min)
+    python -m benchmarks.decision_accuracy            # 500 rollouts per scenario (~50 min)
     python -m benchmarks.decision_accuracy --quick    # a smoke run of the harness
 
 Writes benchmarks/results/decision_accuracy.{json,png} and prints the table.
@@ -27,19 +27,25 @@ import numpy as np
 
 from benchmarks.judges import FlaggerJudge, KayentaJudge, Look, SeedJudge, ServeCanaryJudge
 from serve_canary import rollout
-from serve_canary.config import HealthConfig, PhaseConfig
+from serve_canary.config import DEFAULT_PHASES, HealthConfig, PhaseConfig
 from serve_canary.judge import Verdict
 from serve_canary.metrics import RESERVOIR_SIZE, ArmAggregate, fix_thresholds, new_window
 from serve_canary.routing import Arm
 
 RESULTS = Path(__file__).parent / "results"
+INTERVAL_S = 10.0  # one look; phase durations below are in intervals
 PHASES = (
     PhaseConfig(name="init", weight=0.05, min_duration_s=10, min_requests=100),
     PhaseConfig(name="early", weight=0.20, min_duration_s=15, min_requests=100),
     PhaseConfig(name="progress", weight=0.50, min_duration_s=20, min_requests=100),
     PhaseConfig(name="full", weight=1.0, approval=True),
 )
-HORIZON = 150  # intervals of 10 s; a rollout still undecided then counts as undecided
+HORIZON = 150  # intervals; a rollout still undecided then counts as undecided
+# serve-canary's default plan (10, 30, 60 minutes), in intervals
+DEFAULT_LENGTH_PHASES = tuple(
+    phase.model_copy(update={"min_duration_s": phase.min_duration_s / INTERVAL_S}) for phase in DEFAULT_PHASES
+)
+DEFAULT_LENGTH_HORIZON = 900
 BASE_ERROR = 0.01
 TTFT_MEDIAN_S, E2E_MEDIAN_S, ITL_MEDIAN_S, SIGMA = 0.2, 1.0, 0.02, 0.3
 TOKENS_MEDIAN, TOKENS_SIGMA = 200.0, 0.3  # output tokens per answer
@@ -67,6 +73,15 @@ class Scenario:
     stable_burst: tuple[int, int] | None = None  # intervals [a, b): stable errors at 30 %
     load_linked: float = 0.0  # latency × (1 + this × the arm's load), one replica per arm
     max_error_rate_increase: float | None = None  # serve-canary's tolerance, if not the default
+    default_lengths: bool = False  # serve-canary's default phase lengths, not the short plan
+
+    @property
+    def phases(self) -> tuple[PhaseConfig, ...]:
+        return DEFAULT_LENGTH_PHASES if self.default_lengths else PHASES
+
+    @property
+    def horizon(self) -> int:
+        return DEFAULT_LENGTH_HORIZON if self.default_lengths else HORIZON
 
 
 SCENARIOS = (
@@ -88,6 +103,8 @@ SCENARIOS = (
     Scenario(
         "errors 1%→1.3%, max_error_rate_increase 1.2", regression=True, canary_error=0.013, max_error_rate_increase=1.2
     ),
+    Scenario("A/A, default phase lengths (10/30/60 min)", default_lengths=True),
+    Scenario("errors 1%→1.3%, default phase lengths", regression=True, canary_error=0.013, default_lengths=True),
     Scenario("errors 1%→3%, sticky users", regression=True, canary_error=0.03, users=20_000, user_spread=1.0),
     Scenario("errors 2×, after a stable burst", regression=True, canary_error=0.02, stable_burst=(4, 7)),
     Scenario("latency 2×", regression=True, canary_latency=2.0),
@@ -228,11 +245,12 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
     rng = np.random.default_rng(seed)
     world = World(scenario, rng)
     judge.reset()
-    state = rollout.start("sim", "v1", "v2", PHASES, 0.0)
+    phases = scenario.phases
+    state = rollout.start("sim", "v1", "v2", phases, 0.0)
     window, arms = state.window, new_window()
     closed = intervals_in_window = 0
     served = served_canary = 0
-    for interval in range(1, HORIZON + 1):
+    for interval in range(1, scenario.horizon + 1):
         if state.window != window:
             closed += 1
             window, arms, intervals_in_window = state.window, new_window(), 0
@@ -245,7 +263,7 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
             _serve(arms, last[arm], arm, users[mask], world, rng, interval, int(mask.sum()) / half)
         served += scenario.requests_per_interval
         served_canary += n_canary
-        phase = PHASES[state.phase_index]
+        phase = phases[state.phase_index]
         look = Look(
             arms["stable"],
             arms["canary"],
@@ -257,12 +275,12 @@ def run_rollout(judge, scenario: Scenario, seed: int) -> tuple[str, int, int]:
             state.window_seq,
             intervals_in_window,
             int(phase.min_duration_s),
-            len(PHASES) - 1,
+            len(phases) - 1,
         )
         verdict = judge.decide(look)
         if isinstance(verdict, str):
             verdict = Verdict(verdict, verdict, (), arms["stable"].requests, arms["canary"].requests)
-        state = rollout.evaluate(state, verdict, PHASES, float(interval), auto_rollback=True)
+        state = rollout.evaluate(state, verdict, phases, float(interval), auto_rollback=True)
         if state.status == "rolled_back":
             return "rolled_back", served, served_canary
         if state.status == "awaiting_approval":
@@ -303,6 +321,9 @@ def table(cells: list[dict]) -> str:
         row = {c["judge"]: c for c in cells if c["scenario"] == scenario.name}
         cols = []
         for name in judges:
+            if name not in row:
+                cols.append("—")
+                continue
             c = row[name]
             key = "median_requests_to_rollback" if scenario.regression else "median_requests_to_promotion"
             median = f" ({c[key]:,.0f})" if c[key] else ""
@@ -324,7 +345,7 @@ def chart(cells: list[dict], path: Path) -> None:
     for j, name in enumerate(judges):
         row = {c["scenario"]: c for c in cells if c["judge"] == name}
         xs = np.arange(len(SCENARIOS)) + j * width
-        ax.bar(xs, [row[s.name]["rollback_rate"] for s in SCENARIOS], width, label=name)
+        ax.bar(xs, [row[s.name]["rollback_rate"] if s.name in row else np.nan for s in SCENARIOS], width, label=name)
     ax.set_xticks(np.arange(len(SCENARIOS)) + 0.4 - width / 2)
     ax.set_xticklabels([s.name for s in SCENARIOS], rotation=30, ha="right", fontsize=7)
     ax.set_title("rollback rate (healthy scenarios: false rollbacks; regressions: detection)")
@@ -349,6 +370,7 @@ def main() -> None:
         (j, s, 10 if args.quick else args.rollouts if j == 0 else args.reference_rollouts)
         for j in range(len(make_judges()))
         for s in range(len(SCENARIOS))
+        if j == 0 or not SCENARIOS[s].default_lengths  # the long plan is serve-canary's own
     ]
     with ProcessPoolExecutor(args.workers) as pool:
         cells = list(pool.map(_run_cell, jobs))
@@ -356,8 +378,10 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     meta = {
         "horizon_intervals": HORIZON,
+        "default_length_horizon_intervals": DEFAULT_LENGTH_HORIZON,
         "reservoir": RESERVOIR_SIZE,
         "phases": [p.model_dump() for p in PHASES],
+        "default_length_phases": [p.model_dump() for p in DEFAULT_LENGTH_PHASES],
         "scenarios": [asdict(s) for s in SCENARIOS],
         "seconds": round(time.time() - started, 1),
     }
