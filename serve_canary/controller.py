@@ -260,6 +260,7 @@ class RolloutController:
                     state.evidence,
                     weight=state.weight,
                     window_index=state.window_seq,
+                    replicas=self._replicas,
                 )
             self._last_verdict, self._evaluated_at = verdict, time.time()
             self._last_window = {arm: aggregate.summary() for arm, aggregate in window.items()}

@@ -56,6 +56,10 @@ from serve_canary.shadow import ShadowTally
 from serve_canary.units import MEASURES, QUANTILES, UnitTally
 
 Decision = Literal["pass", "wait", "fail"]
+# A canary replica taking this much more of the window's requests than a stable one is loaded
+# apart from stable (a few heavy users hashed onto it, too few replicas for its weight): its
+# latencies then differ by load, which is a capacity finding, not the model's regression.
+OVERLOAD = 1.25
 # metric name → the segment it contributes from one closed window to the rollback test, and
 # metric name + PROMOTION to the promotion test
 WindowEvidence = Mapping[str, Segment]
@@ -317,6 +321,7 @@ def _compare(
     health: HealthConfig,
     alpha: float,
     weight: float,
+    overload: float | None,
 ) -> MetricCheck:
     allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
     unproven: Decision = "wait" if spec.gates_promotion else "pass"  # no evidence yet, either way
@@ -326,10 +331,12 @@ def _compare(
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
         shown_threshold_value, tolerance = None, allowed
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
+        load_sensitive = False
     else:
         assert spec.threshold is not None
         threshold = stable.units.thresholds.get(spec.threshold)
         measure, quantile = spec.threshold.split("_")
+        load_sensitive = measure != "tokens"  # how long, not how much
         if threshold is None:
             if not canary.samples(measure).seen:
                 return MetricCheck(spec.name, None, None, allowed, "pass", "no canary samples: nothing to compare")
@@ -369,7 +376,10 @@ def _compare(
 
     counts = f"{what}: canary {rollback[0]}/{canary_units}, stable {rollback[1]}/{stable_units} at weight {weight:g}"
     if e_value >= 1.0 / alpha:
-        return check("fail", f"{spec.name}: canary worse by more than {allowed:g}× ({counts}; e-value {e_value:.3g})")
+        worse = f"canary worse by more than {allowed:g}× ({counts}; e-value {e_value:.3g})"
+        if overload is not None and load_sensitive:
+            return check("wait", f"{worse}, but each canary replica took {overload:.1f}× a stable one's requests: load")
+        return check("fail", f"{spec.name}: {worse}")
     if not spec.gates_promotion:
         return check("pass", f"no evidence of more {what}")
     if promotion_e >= 1.0 / promotion_alpha:
@@ -465,8 +475,10 @@ def judge(
     *,
     weight: float,
     window_index: int = 0,
+    replicas: Mapping[str, int] | None = None,
 ) -> Verdict:
-    """Judge the current window, served at canary `weight`.
+    """Judge the current window, served at canary `weight` by `replicas` per arm (None: as many
+    on each arm).
 
     The tests also count the `earlier` windows of the same attempt (`attempt_e_value`,
     `promotion_e_value`). `alpha`, the attempt's false-rollback budget, is split across `METRICS`,
@@ -474,6 +486,7 @@ def judge(
     of their share in this window.
     """
     spent = 2.0 ** -(window_index + 1)
+    overload = load_ratio(stable, canary, replicas)
     compared = [
         _compare(
             spec,
@@ -484,6 +497,7 @@ def judge(
             health,
             alpha * spec.alpha_share,
             weight,
+            overload if overload is not None and overload > OVERLOAD else None,
         )
         for spec in METRICS
     ]
@@ -500,6 +514,14 @@ def judge(
     return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
 
 
+def load_ratio(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
+    """A canary replica's share of the window's requests over a stable replica's."""
+    counts = replicas or {"stable": 1, "canary": 1}
+    if stable.requests == 0 or min(counts.get("stable", 0), counts.get("canary", 0)) <= 0:
+        return None
+    return (canary.requests / counts["canary"]) / (stable.requests / counts["stable"])
+
+
 def _decide(
     checks: tuple[MetricCheck, ...], counts: tuple[int, int], short_of_traffic: str | None, passed: str
 ) -> Verdict:
@@ -513,7 +535,9 @@ def _decide(
     waiting = [check for check in checks if check.decision == "wait"]
     if waiting:
         reason = "; ".join(f"{c.metric}: {c.reason}" for c in waiting)
-        awaiting_evidence = all(isinstance(c.stats, UnitStats) for c in waiting)
+        awaiting_evidence = all(
+            isinstance(c.stats, UnitStats) and c.stats.e_value < c.stats.e_threshold for c in waiting
+        )
         return Verdict("wait", reason, checks, stable_requests, canary_requests, awaiting_evidence)
     return Verdict("pass", passed, checks, stable_requests, canary_requests)
 

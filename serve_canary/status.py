@@ -13,14 +13,13 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict
 
 from serve_canary.config import PhaseConfig
-from serve_canary.judge import Verdict
+from serve_canary.judge import OVERLOAD, Verdict
 from serve_canary.metrics import ArmSummary
 from serve_canary.rollout import Event, RolloutState, Status, waiting_for
 from serve_canary.routing import Arm
 from serve_canary.shadow import ShadowTally
 
 RECENT_EVENTS = 20
-OVERLOAD = 1.25  # a canary replica taking this much more traffic than a stable one is a finding
 QUEUE_FINDING_MS = 50.0  # canary requests waiting this much longer for a replica (p95) are a finding
 
 

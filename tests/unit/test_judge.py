@@ -398,3 +398,19 @@ def test_absolute_limits_hold_what_users_waited_queueing_included():
     health = HEALTH.model_copy(update={"max_ttft_ms": 200.0})
     arms = window({"requests": 3000, "queue_s": 0.0}, {"requests": 3000, "queue_s": 0.3})
     assert "ttft_p95_limit" in verdict_on(arms, weight=0.5, health=health).failed_metrics
+
+
+def test_a_canary_replica_loaded_apart_from_stable_is_not_rolled_back_for_latency_but_held():
+    # Weight 0.5, but a few heavy users hashed onto the canary: its one replica takes 3× the
+    # requests of stable's, and answers 2× slower under that load.
+    arms = window({"requests": 1000}, {"requests": 3000, "latency_s": 1.0, "ttft_s": 0.1})
+    loaded = verdict_on(arms, weight=0.5)
+    assert loaded.decision == "wait" and not loaded.awaiting_evidence, loaded.reason
+    e2e = check(loaded, "e2e_p95_ms")
+    assert e2e.decision == "wait" and "each canary replica took 3.0× a stable one's requests: load" in e2e.reason
+    # The same traffic on three canary replicas is one replica's worth each: a slower model.
+    scaled = verdict_on(arms, weight=0.5, replicas={"stable": 1, "canary": 3})
+    assert scaled.decision == "fail" and "e2e_p95_ms" in scaled.failed_metrics
+    # Errors and answer lengths do not depend on load.
+    erring = window({"requests": 1000, "errors": 10}, {"requests": 3000, "errors": 300})
+    assert "error_rate" in verdict_on(erring, weight=0.5).failed_metrics
