@@ -486,7 +486,7 @@ def judge(
     of their share in this window.
     """
     spent = 2.0 ** -(window_index + 1)
-    overload = load_ratio(stable, canary, replicas)
+    overload = _overload(stable, canary, replicas)
     compared = [
         _compare(
             spec,
@@ -497,7 +497,7 @@ def judge(
             health,
             alpha * spec.alpha_share,
             weight,
-            overload if overload is not None and overload > OVERLOAD else None,
+            overload,
         )
         for spec in METRICS
     ]
@@ -514,12 +514,14 @@ def judge(
     return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
 
 
-def load_ratio(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
-    """A canary replica's share of the window's requests over a stable replica's."""
+def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
+    """A canary replica's share of the window's requests over a stable replica's, when it is
+    more than `OVERLOAD`."""
     counts = replicas or {"stable": 1, "canary": 1}
     if stable.requests == 0 or min(counts.get("stable", 0), counts.get("canary", 0)) <= 0:
         return None
-    return (canary.requests / counts["canary"]) / (stable.requests / counts["stable"])
+    ratio = (canary.requests / counts["canary"]) / (stable.requests / counts["stable"])
+    return ratio if ratio > OVERLOAD else None
 
 
 def _decide(
