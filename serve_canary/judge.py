@@ -514,14 +514,19 @@ def judge(
     return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
 
 
-def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
-    """A canary replica's share of the window's requests over a stable replica's, when it is
-    more than `OVERLOAD`."""
-    counts = replicas or {"stable": 1, "canary": 1}
-    if stable.requests == 0 or min(counts.get("stable", 0), counts.get("canary", 0)) <= 0:
+def replica_load(stable_requests: int, canary_requests: int, replicas: Mapping[str, int]) -> float | None:
+    """A canary replica's share of a window's requests over a stable replica's (None when
+    either arm has no replica or stable no request)."""
+    stable, canary = replicas.get("stable", 0), replicas.get("canary", 0)
+    if stable_requests == 0 or min(stable, canary) <= 0:
         return None
-    ratio = (canary.requests / counts["canary"]) / (stable.requests / counts["stable"])
-    return ratio if ratio > OVERLOAD else None
+    return (canary_requests / canary) / (stable_requests / stable)
+
+
+def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
+    """`replica_load` of the window when it is more than `OVERLOAD`."""
+    ratio = replica_load(stable.requests, canary.requests, replicas or {"stable": 1, "canary": 1})
+    return ratio if ratio is not None and ratio > OVERLOAD else None
 
 
 def _decide(

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict
 
 from serve_canary.config import PhaseConfig
-from serve_canary.judge import OVERLOAD, Verdict
+from serve_canary.judge import OVERLOAD, Verdict, replica_load
 from serve_canary.metrics import ArmSummary
 from serve_canary.rollout import Event, RolloutState, Status, waiting_for
 from serve_canary.routing import Arm
@@ -21,6 +21,7 @@ from serve_canary.shadow import ShadowTally
 
 RECENT_EVENTS = 20
 QUEUE_FINDING_MS = 50.0  # canary requests waiting this much longer for a replica (p95) are a finding
+LOAD_FINDING_MIN_REQUESTS = 100  # per arm, before a window's split of requests is read as load
 
 
 class ReplicaInfo(BaseModel):
@@ -65,23 +66,39 @@ class RolloutStatus(BaseModel):
 def capacity_finding(
     weight: float, replicas: Mapping[Arm, int], arms: Mapping[Arm, ArmSummary] | None = None
 ) -> str | None:
-    """What to scale when a canary replica takes more of the traffic than a stable one, or the
-    canary's requests wait longer to reach a replica.
+    """What to scale when a canary replica takes more of the traffic than a stable one (by
+    the weight, or in this window: a few heavy users hashed onto the canary), or the canary's
+    requests wait longer to reach a replica.
 
-    That is load, not the model: the judge compares times from the replica's receipt, and this
-    names the cause and the fix.
+    That is load, not the model: the judge compares times from the replica's receipt and holds
+    a latency comparison on a replica loaded apart from stable; this names the cause and the fix.
     """
     canary, stable = replicas.get("canary", 0), replicas.get("stable", 0)
     if not 0.0 < weight < 1.0 or canary <= 0 or stable <= 0:
         return None
-    per_canary, per_stable = weight / canary, (1.0 - weight) / stable
+    by_weight = (weight / canary) / ((1.0 - weight) / stable)
+    stable_requests, canary_requests = (
+        (arms["stable"].requests, arms["canary"].requests) if arms and "stable" in arms and "canary" in arms else (0, 0)
+    )
+    by_window = (
+        replica_load(stable_requests, canary_requests, replicas)
+        if min(stable_requests, canary_requests) >= LOAD_FINDING_MIN_REQUESTS
+        else None
+    )
     findings, needed = [], canary
-    if per_canary > OVERLOAD * per_stable:
+    if by_window is not None and by_window > max(by_weight, OVERLOAD):
         findings.append(
-            f"each canary replica takes {per_canary / per_stable:.1f}× the traffic of a stable one "
+            f"each canary replica took {by_window:.1f}× a stable one's requests in this window "
+            f"({canary_requests} on {canary} canary, {stable_requests} on {stable} stable at {weight:.0%}: "
+            "the canary's users send more than their share)"
+        )
+        needed = math.ceil(canary * by_window)
+    elif by_weight > OVERLOAD:
+        findings.append(
+            f"each canary replica takes {by_weight:.1f}× the traffic of a stable one "
             f"({canary} canary for {weight:.0%}, {stable} stable for {1.0 - weight:.0%})"
         )
-        needed = math.ceil(canary * per_canary / per_stable)
+        needed = math.ceil(canary * by_weight)
     canary_wait, stable_wait = (
         arms[arm].queue_ms.p95 if arms and arm in arms else None for arm in ("canary", "stable")
     )

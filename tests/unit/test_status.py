@@ -29,10 +29,10 @@ def test_an_arm_sized_for_its_share_or_unknown_counts_is_no_finding(weight, repl
     assert capacity_finding(weight, replicas) is None
 
 
-def _summary(queue_p95_ms: float | None, output_tokens: int = 0) -> ArmSummary:
+def _summary(queue_p95_ms: float | None, output_tokens: int = 0, requests: int = 100) -> ArmSummary:
     empty = Percentiles(p50=None, p95=None, p99=None)
     return ArmSummary(
-        requests=100,
+        requests=requests,
         errors=0,
         error_rate=0.0,
         error_kinds={},
@@ -48,12 +48,28 @@ def _summary(queue_p95_ms: float | None, output_tokens: int = 0) -> ArmSummary:
 
 
 def test_canary_requests_waiting_longer_for_a_replica_are_a_finding():
-    arms = {"stable": _summary(4.0), "canary": _summary(420.0)}
+    # 20 % on one canary replica, 80 % on four stable ones: each replica takes its share.
+    arms = {"stable": _summary(4.0, requests=400), "canary": _summary(420.0, requests=100)}
     finding = capacity_finding(0.2, {"canary": 1, "stable": 4}, arms)
     assert finding is not None and "wait 420 ms for a replica" in finding and "scale the canary to 2" in finding
-    assert (
-        capacity_finding(0.2, {"canary": 1, "stable": 4}, {"stable": _summary(4.0), "canary": _summary(30.0)}) is None
-    )
+    arms = {"stable": _summary(4.0, requests=400), "canary": _summary(30.0, requests=100)}
+    assert capacity_finding(0.2, {"canary": 1, "stable": 4}, arms) is None
+
+
+def test_heavy_users_hashed_onto_the_canary_are_a_finding_at_a_weight_its_replicas_fit():
+    """At 50 % on one replica each, the weight is balanced; in the window a few heavy users put
+    three times stable's requests on the canary: that is the finding, with what to scale."""
+    arms = {"stable": _summary(None, requests=300), "canary": _summary(None, requests=900)}
+    finding = capacity_finding(0.5, {"canary": 1, "stable": 1}, arms)
+    assert finding is not None and "took 3.0× a stable one's requests in this window" in finding
+    assert "scale the canary to 3 replicas" in finding
+    balanced = {"stable": _summary(None, requests=300), "canary": _summary(None, requests=330)}
+    assert capacity_finding(0.5, {"canary": 1, "stable": 1}, balanced) is None
+    # A window too young to say (fewer than 100 requests on an arm) is not read as load.
+    young = {"stable": _summary(None, requests=20), "canary": _summary(None, requests=90)}
+    assert capacity_finding(0.5, {"canary": 1, "stable": 1}, young) is None
+    # Enough canary replicas for what its users send: no finding.
+    assert capacity_finding(0.5, {"canary": 3, "stable": 1}, arms) is None
 
 
 def test_tokens_per_second_per_replica_divides_by_the_window_and_the_running_replicas():
