@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
 from serve_canary.metrics import ArmAggregate, sorted_quantile
+from serve_canary.routing import Arm
 from serve_canary.sequential import (
     Segment,
     net_rate_e_value,
@@ -475,7 +476,7 @@ def judge(
     *,
     weight: float,
     window_index: int = 0,
-    replicas: Mapping[str, int] | None = None,
+    replicas: Mapping[Arm, int] | None = None,
 ) -> Verdict:
     """Judge the current window, served at canary `weight` by `replicas` per arm (None: as many
     on each arm).
@@ -514,7 +515,7 @@ def judge(
     return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
 
 
-def replica_load(stable_requests: int, canary_requests: int, replicas: Mapping[str, int]) -> float | None:
+def replica_load(stable_requests: int, canary_requests: int, replicas: Mapping[Arm, int]) -> float | None:
     """A canary replica's share of a window's requests over a stable replica's (None when
     either arm has no replica or stable no request)."""
     stable, canary = replicas.get("stable", 0), replicas.get("canary", 0)
@@ -523,7 +524,7 @@ def replica_load(stable_requests: int, canary_requests: int, replicas: Mapping[s
     return (canary_requests / canary) / (stable_requests / stable)
 
 
-def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[str, int] | None) -> float | None:
+def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[Arm, int] | None) -> float | None:
     """`replica_load` of the window when it is more than `OVERLOAD`."""
     ratio = replica_load(stable.requests, canary.requests, replicas or {"stable": 1, "canary": 1})
     return ratio if ratio is not None and ratio > OVERLOAD else None
