@@ -60,7 +60,8 @@ class PassThroughIngress:
     server yields (its response object, or its SSE batches as they come)."""
 
     def __init__(self, stable: DeploymentHandle, canary: DeploymentHandle) -> None:
-        self._arms = (stable.options(stream=True), canary.options(stream=True))
+        # The transport serve-canary's ingress uses (by value, gRPC): the ratio is its logic's cost.
+        self._arms = tuple(arm.options(stream=True, _by_reference=False) for arm in (stable, canary))
 
     def _arm(self, user: str | None) -> DeploymentHandle:
         digest = hashlib.blake2b((user or "").encode(), digest_size=8).digest()

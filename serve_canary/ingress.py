@@ -116,7 +116,10 @@ async def _cancel_on_close(response: DeploymentResponseGenerator[Any]) -> AsyncI
 
 
 def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any]) -> ArmEndpoint:
-    streaming = handle.options(stream=True)
+    # By value over Serve's gRPC transport between replicas (what Ray's throughput-optimized
+    # mode turns on): the ingress relays values and never needs an ObjectRef of an arm's
+    # batch, and each batch then costs it about a third less CPU than as a Ray object.
+    streaming = handle.options(stream=True, _by_reference=False)
 
     def open_call(kind: Kind, request: Any) -> AsyncIterator[Any]:
         return _cancel_on_close(getattr(streaming, kind).remote(request, stamp=True))
