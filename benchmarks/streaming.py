@@ -16,7 +16,11 @@ replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
     python -m benchmarks.streaming --vllm    # real engines: tiny vLLM models, 8 and 32 streams
     python -m benchmarks.streaming --quick   # smoke run: checks the harness, not speed
 
-Writes benchmarks/results/streaming{,_vllm,_quick}.json and prints a table.
+Run under Ray Serve's own throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in
+the environment: gRPC between replicas, user code and routers on the replica's main loop,
+for every process of the cluster, direct's client too), the results file says so in its name.
+
+Writes benchmarks/results/streaming{,_vllm}{,_throughput_optimized}{,_quick}.json and prints a table.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -333,21 +338,35 @@ def main() -> None:
     args = parser.parse_args()
     port = start_local_serve()
     trials = 1 if args.quick else args.trials
-    try:
-        if args.vllm:
-            results = asyncio.run(run_vllm(port, (4,) if args.quick else (8, 32), trials))
-        else:
+
+    async def measure() -> dict:
+        # Shut Serve down on the loop that ran the trials: with the routers on the caller's
+        # loop (the throughput-optimized mode), they cannot be shut down after it closed.
+        try:
+            if args.vllm:
+                return await run_vllm(port, (4,) if args.quick else (8, 32), trials)
             intervals = tuple(float(ms) for ms in args.intervals.split(","))
             streams = (8,) if args.quick else tuple(int(n) for n in args.streams.split(","))
-            results = asyncio.run(run(port, streams, trials, intervals))
+            return await run(port, streams, trials, intervals)
+        finally:
+            await serve.shutdown_async()
+
+    try:
+        results = asyncio.run(measure())
     finally:
-        serve.shutdown()
         ray.shutdown()
+    optimized = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
     results["setup"] = {"itl_ms": ITL_MS, "tokens": TOKENS, "model": MODEL, "trials": trials}
+    results["setup"]["ray_serve_throughput_optimized"] = optimized
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
-    name = "streaming" + ("_vllm" if args.vllm else "") + ("_quick" if args.quick else "")
-    results["command"] = (
-        f"python -m benchmarks.streaming{' --vllm' if args.vllm else ''}{' --quick' if args.quick else ''}"
+    name = (
+        "streaming"
+        + ("_vllm" if args.vllm else "")
+        + ("_throughput_optimized" if optimized else "")
+        + ("_quick" if args.quick else "")
+    )
+    results["command"] = " ".join(
+        ["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"] * optimized + ["python", "-m", "benchmarks.streaming", *sys.argv[1:]]
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
