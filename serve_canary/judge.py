@@ -515,13 +515,14 @@ def judge(
     return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
 
 
-def replica_load(stable_requests: int, canary_requests: int, replicas: Mapping[Arm, int]) -> float | None:
-    """A canary replica's share of a window's requests over a stable replica's (None when
-    either arm has no replica or stable no request)."""
+def replica_load(stable_share: float, canary_share: float, replicas: Mapping[Arm, int]) -> float | None:
+    """A canary replica's part of the traffic over a stable replica's, from each arm's share
+    (a window's requests, or the weight) (None when either arm has no replica or stable no
+    share)."""
     stable, canary = replicas.get("stable", 0), replicas.get("canary", 0)
-    if stable_requests == 0 or min(stable, canary) <= 0:
+    if stable_share == 0 or min(stable, canary) <= 0:
         return None
-    return (canary_requests / canary) / (stable_requests / stable)
+    return (canary_share / canary) / (stable_share / stable)
 
 
 def _overload(stable: ArmAggregate, canary: ArmAggregate, replicas: Mapping[Arm, int] | None) -> float | None:

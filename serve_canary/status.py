@@ -74,9 +74,9 @@ def capacity_finding(
     a latency comparison on a replica loaded apart from stable; this names the cause and the fix.
     """
     canary, stable = replicas.get("canary", 0), replicas.get("stable", 0)
-    if not 0.0 < weight < 1.0 or canary <= 0 or stable <= 0:
+    by_weight = replica_load(1.0 - weight, weight, replicas)
+    if not 0.0 < weight < 1.0 or by_weight is None:
         return None
-    by_weight = (weight / canary) / ((1.0 - weight) / stable)
     stable_requests, canary_requests = (
         (arms["stable"].requests, arms["canary"].requests) if arms and "stable" in arms and "canary" in arms else (0, 0)
     )
