@@ -366,7 +366,8 @@ def main() -> None:
         + ("_quick" if args.quick else "")
     )
     results["command"] = " ".join(
-        ["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"] * optimized + ["python", "-m", "benchmarks.streaming", *sys.argv[1:]]
+        (["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"] if optimized else [])
+        + ["python", "-m", "benchmarks.streaming", *sys.argv[1:]]
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
