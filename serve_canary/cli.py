@@ -93,7 +93,7 @@ def status_view(status: RolloutStatus) -> Group:
         parts.append(Text(f"capacity: {status.capacity}", style="bold magenta"))
     throughput = status.tokens_per_s_per_replica or {}
     load = [
-        f"{arm}: waited p95 {_fmt(summary.queue_ms.p95)} ms for a replica"
+        f"{arm}: queued p95 {_fmt(summary.queue_ms.p95)} ms"
         + (f", {throughput[arm]:,.0f} output tokens/s per replica" if arm in throughput else "")
         for arm, summary in (status.arms or {}).items()
     ]

@@ -40,6 +40,9 @@ class SimulatedEngineArgs(_Schema):
     )
     max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
     stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="requests generated at once; more wait in the engine's queue, as vLLM's"
+    )
     seed: int | None = None
 
 

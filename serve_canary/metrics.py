@@ -11,11 +11,12 @@ so a failing canary cannot make stable look busy or slow. A cancelled request is
 request either, but the time it ran is a lower bound on its latency and enters the latency
 figures: a client that gives up on a slow answer must not hide it from the tail.
 
-Load is not the model: time spent waiting to reach a replica (`queue_s`, from the replica's
-receipt stamp) is kept apart. The user-facing TTFT and end-to-end latency (status, absolute
-limits: SLOs are about what users wait) include it; what the judge compares between arms is
-the time from the replica's receipt (`samples`), so a canary arm with too few replicas for
-its weight reads as a capacity finding, not as a slower model.
+Load is not the model: time spent queueing (`queue_s`: waiting to reach a replica, from the
+replica's receipt stamp, and in the engine's own queue, as the engine reports it) is kept
+apart. The user-facing TTFT and end-to-end latency (status, absolute limits: SLOs are about
+what users wait) include it; what the judge compares between arms is the time from when the
+model started on the request (`samples`), so a canary arm with too few replicas for its
+weight reads as a capacity finding, not as a slower model.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class RequestRecord(NamedTuple):
     prompt_tokens: int
     output_tokens: int
     origin: Origin = "user"  # a tester's pick of arm, or a mirrored request: shown, never judged
-    queue_s: float | None = None  # waiting to reach a replica (in ttft_s and e2e_s); None: unknown
+    queue_s: float | None = None  # for a replica and in its engine's queue (in ttft_s and e2e_s); None: unknown
 
 
 class Reservoir:
@@ -119,7 +120,7 @@ class ArmAggregate:
     ttft_s: Reservoir = field(default_factory=Reservoir)  # as users saw it, queueing included
     itl_s: Reservoir = field(default_factory=Reservoir)
     e2e_s: Reservoir = field(default_factory=Reservoir)  # as users saw it, queueing included
-    queue_s: Reservoir = field(default_factory=Reservoir)  # waiting to reach a replica
+    queue_s: Reservoir = field(default_factory=Reservoir)  # for a replica and in its engine's queue
     replica_ttft_s: Reservoir = field(default_factory=Reservoir)  # from the replica's receipt
     replica_e2e_s: Reservoir = field(default_factory=Reservoir)
     tokens: Reservoir = field(default_factory=Reservoir)  # output tokens per answer
@@ -244,7 +245,7 @@ class ArmSummary(BaseModel):
     ttft_ms: Percentiles
     itl_ms: Percentiles
     e2e_ms: Percentiles
-    queue_ms: Percentiles  # waiting to reach a replica (part of ttft_ms and e2e_ms)
+    queue_ms: Percentiles  # for a replica and in its engine's queue (part of ttft_ms and e2e_ms)
     tokens_per_answer: Percentiles
     output_tokens: int
     mean_rating: float | None

@@ -127,7 +127,7 @@ class PrometheusExporter:
         )
         self.queue = Histogram(
             "serve_canary_queue_seconds",
-            "Time a request waited to reach a replica of its arm (part of its time to first token).",
+            "Time a request waited for a replica of its arm and in its engine's queue (part of its TTFT).",
             ARM_LABELS,
             buckets=TTFT_BUCKETS,
             registry=registry,

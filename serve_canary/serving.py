@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -147,11 +148,16 @@ class _Attempt:
         error_kind: str | None = None,
         prompt_tokens: int = 0,
         output_tokens: int = 0,
+        engine_queue_s: float | None = None,
     ) -> RequestRecord:
+        """`engine_queue_s`: the wait in the engine's own queue, as the engine reported it."""
         now = self.clock()
         if self.failed_over and outcome != "rejected":
             outcome, error_kind = "failover", None
         ttft = None if self.first_at is None else self.first_at - self.started
+        queue = self.queue_s
+        if engine_queue_s is not None and ttft is not None:  # within the time to the first item
+            queue = min((queue or 0.0) + engine_queue_s, ttft)
         itl = None  # unobservable in one piece: a unary answer, or a stream that came in one batch
         if self.first_at is not None and output_tokens > 1 and self.last_at > self.first_at:
             itl = (self.last_at - self.first_at) / (output_tokens - 1)
@@ -169,8 +175,18 @@ class _Attempt:
             prompt_tokens,
             output_tokens,
             self.origin,
-            self.queue_s,
+            queue,
         )
+
+
+def engine_queue_s(body: dict[str, Any]) -> float | None:
+    """The seconds a request waited in the engine's queue, from the per-request metrics vLLM
+    adds to the usage (`enable_per_request_metrics`; the simulated engine does the same)."""
+    metrics = body.get("metrics")
+    waited = metrics.get("queue_time_ms") if isinstance(metrics, dict) else None
+    if isinstance(waited, bool) or not isinstance(waited, int | float) or not 0.0 <= waited < math.inf:
+        return None
+    return waited / 1000.0
 
 
 def _finish_reasons(choices: Any) -> list[str]:
@@ -190,10 +206,12 @@ class _StreamTail:
     def __init__(self) -> None:
         self.items: deque[str] = deque(maxlen=4)
 
-    def summary(self) -> tuple[int, int, str | None]:
-        """(prompt tokens, completion tokens, finish reason) as the arm reported them."""
+    def summary(self) -> tuple[int, int, str | None, float | None]:
+        """(prompt tokens, completion tokens, finish reason, seconds in the engine's queue) as
+        the arm reported them."""
         prompt = completion = 0
         finish: str | None = None
+        queued: float | None = None
         for item in reversed(self.items):
             if item.startswith(DONE_EVENT) or not item.startswith("data: "):
                 continue
@@ -206,11 +224,12 @@ class _StreamTail:
             if isinstance(chunk.get("usage"), dict) and not completion:
                 prompt = int(chunk["usage"].get("prompt_tokens") or 0)
                 completion = int(chunk["usage"].get("completion_tokens") or 0)
+                queued = engine_queue_s(chunk)
             reasons = _finish_reasons(chunk.get("choices"))
             if reasons and finish is None:
                 failed = [r for r in reasons if r in FAILED_FINISH_REASONS]
                 finish = failed[0] if failed else reasons[0]
-        return prompt, completion, finish
+        return prompt, completion, finish, queued
 
 
 def _is_usage_only(item: str) -> bool:
@@ -347,7 +366,11 @@ def _unary(
     reasons = _finish_reasons(body.get("choices"))
     outcome, error_kind = _outcome(reasons)
     finished = attempt.record(
-        outcome, error_kind, int(tokens.get("prompt_tokens") or 0), int(tokens.get("completion_tokens") or 0)
+        outcome,
+        error_kind,
+        int(tokens.get("prompt_tokens") or 0),
+        int(tokens.get("completion_tokens") or 0),
+        engine_queue_s(body),
     )
     record(finished)
     if capture is not None:
@@ -408,14 +431,14 @@ async def _relay(
         message = failure_message(exc)
         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 502}})}\n\n"
     finally:
-        prompt, completion, finish = tail.summary()
+        prompt, completion, finish, queued = tail.summary()
         if not finished:  # the client went away: cancel the generation, even after an error event
             await _close(stream)
         if outcome == "ok" and not (finished or whole):
             outcome, completion = "cancelled", completion or received
         elif outcome == "ok":
             outcome, error_kind = _outcome([finish] if finish else [])
-        finished_record = attempt.record(outcome, error_kind, prompt, completion)
+        finished_record = attempt.record(outcome, error_kind, prompt, completion, queued)
         record(finished_record)
         if capture is not None and (finished or whole):
             capture(attempt.arm, _answer(finished_record, stream_text(kept), finish))

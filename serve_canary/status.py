@@ -68,7 +68,7 @@ def capacity_finding(
 ) -> str | None:
     """What to scale when a canary replica takes more of the traffic than a stable one (by
     the weight, or in this window: a few heavy users hashed onto the canary), or the canary's
-    requests wait longer to reach a replica.
+    requests queue longer (for a replica, or in the engine's queue).
 
     That is load, not the model: the judge compares times from the replica's receipt and holds
     a latency comparison on a replica loaded apart from stable; this names the cause and the fix.
@@ -104,7 +104,7 @@ def capacity_finding(
     )
     if canary_wait is not None and canary_wait > (stable_wait or 0.0) + QUEUE_FINDING_MS:
         stable_shown = "—" if stable_wait is None else f"{stable_wait:.0f} ms"
-        findings.append(f"canary requests wait {canary_wait:.0f} ms for a replica at p95 (stable {stable_shown})")
+        findings.append(f"canary requests queue {canary_wait:.0f} ms at p95 (stable {stable_shown})")
         needed = max(needed, canary + 1)
     if not findings:
         return None

@@ -6,8 +6,9 @@ user's `LLMConfig`, with four changes a canary needs.
 - Warm-up: the replica answers a completion and a chat before its constructor returns, so
   Serve never routes users to a cold engine (a cold engine's first requests take seconds and would be
   judged as a slow canary).
-- A receipt stamp (`serve_canary.stamps`) on the first item when the ingress asks for it, so
-  time spent waiting for a replica is not read as the model's time to first token.
+- A receipt stamp (`serve_canary.stamps`) on the first item when the ingress asks for it, and
+  vLLM's per-request metrics on by default, so time spent waiting for a replica or in the
+  engine's queue is not read as the model's time to first token.
 - Shutdown: the vLLM engine (and its worker processes) stops with the replica, so a GPU is
   free for the replacement at once.
 
@@ -31,6 +32,7 @@ from serve_canary.stamps import stamped
 
 logger = logging.getLogger("serve_canary.engines.llm")
 WARM_UP_PROMPT = "warm up"
+PER_REQUEST_METRICS = "enable_per_request_metrics"  # vLLM's engine argument
 
 
 class CanaryLLMServer(LLMServer):
@@ -92,6 +94,13 @@ class CanaryLLMServer(LLMServer):
 
 
 def build_arm(name: str, llm_config: dict[str, Any]) -> Application:
-    """The arm's deployment, named `name` so a Serve config's `deployments:` can address it."""
+    """The arm's deployment, named `name` so a Serve config's `deployments:` can address it.
+
+    vLLM's per-request metrics are on unless the config says otherwise: they carry the time
+    each request waited in the engine's queue, which is load and not the model's (`serving`).
+    """
+    engine_kwargs = llm_config.get("engine_kwargs") or {}
+    if isinstance(engine_kwargs, dict):  # anything else is LLMConfig's to refuse
+        llm_config = {**llm_config, "engine_kwargs": {PER_REQUEST_METRICS: True, **engine_kwargs}}
     config = LLMConfig.model_validate(llm_config)
     return build_llm_deployment(config, deployment_cls=CanaryLLMServer, override_serve_options={"name": name})

@@ -10,10 +10,12 @@ benchmarks and the local demo use it to make healthy and unhealthy canaries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from serve_canary.batching import batched
@@ -57,13 +59,18 @@ class SimulatedEngine:
 
     Yields what vLLM's OpenAI serving layer yields: per-token SSE strings for a stream, one
     `Response` otherwise, an `ErrorResponse` for a failure before the first token, and an
-    error event for a failure mid-stream.
+    error event for a failure mid-stream. Beyond `max_num_seqs` requests wait in its queue,
+    and, as vLLM with `enable_per_request_metrics`, it reports each request's wait there
+    (`metrics.queue_time_ms`) with the usage.
     """
 
     def __init__(self, model_id: str, args: SimulatedEngineArgs) -> None:
         self.model_id = model_id
         self.args = args
         self._rng = random.Random(args.seed)
+        self._slots: AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext() if args.max_num_seqs is None else asyncio.Semaphore(args.max_num_seqs)
+        )
 
     def _delay(self, ms: float) -> float:
         jitter = self.args.jitter
@@ -83,6 +90,20 @@ class SimulatedEngine:
                 error=ErrorInfo(message=message, type="BadRequestError", param="input_tokens", code=400)
             )
             return
+        queued_at = time.perf_counter()
+        async with self._slots:
+            metrics = {"queue_time_ms": (time.perf_counter() - queued_at) * 1000.0}
+            async for item in self._generate(request, limit, prompt_tokens, metrics):
+                yield item
+
+    async def _generate(
+        self,
+        request: ChatCompletionRequest | CompletionRequest,
+        limit: int | None,
+        prompt_tokens: int,
+        metrics: dict[str, float],
+    ) -> AsyncIterator[Any]:
+        args, chat = self.args, isinstance(request, ChatCompletionRequest)
         fails_early = self._rng.random() < args.error_rate
         fails_midway = self._rng.random() < args.midstream_error_rate
         await asyncio.sleep(self._delay(args.ttft_ms))
@@ -113,7 +134,7 @@ class SimulatedEngine:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             body = {**envelope, "object": "chat.completion" if chat else "text_completion", "choices": [choice]}
-            yield Response.model_validate({**body, "usage": usage(prompt_tokens, total)})
+            yield Response.model_validate({**body, "usage": usage(prompt_tokens, total), "metrics": metrics})
             return
 
         def chunk(text: str, finish_reason: str | None, role: bool = False) -> str:
@@ -133,7 +154,7 @@ class SimulatedEngine:
                 return
             yield chunk(word if i == 0 else f" {word}", finish if i == total - 1 else None)
         if request.include_usage:
-            yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, total)})
+            yield sse({**envelope, "choices": [], "usage": usage(prompt_tokens, total), "metrics": metrics})
         yield SSE_DONE
 
 

@@ -108,7 +108,7 @@ def test_status_page_shows_the_phase_and_follows_a_set_weight(deploy, chromium):
     assert page.text("weight") == "5%" and page.text("status") == "running"
     assert "test-llm: v1 → v2" == page.text("title")
     assert app.chat("u1").status_code == 200
-    wait_for(lambda: "stable: waited p95" in page.text("load"), 20, "the page to show each arm's queueing")
+    wait_for(lambda: "stable: queued p95" in page.text("load"), 20, "the page to show each arm's queueing")
 
     assert app.admin("PUT", "weight", json={"weight": 0.3}).status_code == 200
     wait_for(lambda: page.text("weight") == "30%", 10, "the page to follow the new weight")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 2048
+MAX_NUM_SEQS = 2  # requests each engine generates at once; more wait in its queue
 MODEL_DIR = Path(os.environ.get("SERVE_CANARY_TINY_MODELS", Path.home() / ".cache" / "serve-canary" / "tiny-models"))
 PHASES = [
     {"name": "init", "weight": 0.10, "min_duration_s": 1.0, "min_requests": 10},
@@ -43,7 +45,7 @@ def llm_config(model_id: str, path: Path) -> dict[str, Any]:
         "model_loading_config": {"model_id": model_id, "model_source": str(path)},
         "accelerator_config": {"kind": "cpu"},
         "placement_group_config": {"bundles": [{"CPU": 0.5}]},
-        "engine_kwargs": {"max_model_len": MAX_MODEL_LEN, "dtype": "float32"},
+        "engine_kwargs": {"max_model_len": MAX_MODEL_LEN, "dtype": "float32", "max_num_seqs": MAX_NUM_SEQS},
         "deployment_config": {"ray_actor_options": {"num_cpus": 0}, "health_check_timeout_s": 60},
         "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
     }
@@ -198,6 +200,33 @@ def test_a_client_disconnect_aborts_the_generation(vllm_app):
     wait_for(lambda: engine.running_requests.remote().result() == 0, 10, "the engine to abort the request")
     cancelled = wait_for(lambda: vllm_app.window(window)[arm].cancelled, 10, "the cancelled request recorded")
     assert cancelled == 1
+
+
+def test_a_wait_in_vllms_own_queue_is_queueing_not_the_models_time(vllm_app):
+    """Three times the engines' `max_num_seqs` requests at once from one user (so one arm): the
+    later ones wait in vLLM's scheduler queue (Serve's router holds none of them), and vLLM's
+    per-request metrics bring that wait to the ingress as queueing."""
+    window = vllm_app.status()["window"]
+    before = {arm: (a.queue_s.seen, a.e2e_s.seen) for arm, a in vllm_app.window(window).items()}
+    sent = 3 * MAX_NUM_SEQS
+
+    def ask(_: int) -> str:
+        raw = client(vllm_app, "queued").completions.with_raw_response.create(
+            model=MODEL, prompt="the canary", max_tokens=200, extra_body=FULL_LENGTH
+        )
+        return raw.headers["x-serve-canary-arm"]
+
+    with ThreadPoolExecutor(sent) as pool:
+        [arm] = set(pool.map(ask, range(sent)))
+    queued_seen, e2e_seen = before.get(arm, (0, 0))
+    aggregate = wait_for(
+        lambda: (a := vllm_app.window(window)[arm]).queue_s.seen >= queued_seen + sent and a,
+        10,
+        "the requests recorded",
+    )
+    queued, waited = sum(aggregate.queue_s.values[queued_seen:]), sum(aggregate.e2e_s.values[e2e_seen:])
+    # Two at a time: two wait about one generation, two about two; a third of the time users waited.
+    assert queued >= 0.25 * waited, (queued, waited)
 
 
 def _engine_processes(app: App, arm: str) -> list[psutil.Process]:

@@ -264,3 +264,34 @@ async def test_the_wait_to_reach_a_replica_is_recorded_apart_and_the_stamp_never
     [record] = records
     assert record.queue_s is not None and 0.2 <= record.queue_s <= record.ttft_s
     assert record.ttft_s - record.queue_s < 0.1  # the engine's 5 ms, not the wait
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_wait_in_the_engines_own_queue_is_queueing_not_the_models_time(stream):
+    """One request at a time in the canary's engine (vLLM's `max_num_seqs`): the second of two
+    concurrent requests waits there for the first, and reports it as vLLM does."""
+    endpoints = arms(canary={"max_num_seqs": 1, "ttft_ms": 5, "itl_ms": 20, "output_tokens": 11})
+    records: list[RequestRecord] = []
+
+    async def one(request_id: str) -> None:
+        served = await serve_request(
+            "chat",
+            chat(stream=stream),
+            "user-1",
+            table(1.0),
+            endpoints,
+            records.append,
+            request_id=request_id,
+            failover=True,
+        )
+        if stream:
+            await drain(served)
+
+    await asyncio.gather(one("first"), one("second"))
+    first, second = sorted(records, key=lambda record: record.ttft_s)
+    generation_s = 0.005 + 10 * 0.020
+    assert first.queue_s is not None and first.queue_s < 0.05
+    assert second.queue_s is not None and generation_s * 0.9 <= second.queue_s <= second.ttft_s
+    assert second.e2e_s - second.queue_s < generation_s + 0.1  # the model's own time, not the wait
+    if stream:
+        assert second.ttft_s - second.queue_s < 0.1  # the engine's 5 ms to its first token

@@ -51,7 +51,7 @@ def test_canary_requests_waiting_longer_for_a_replica_are_a_finding():
     # 20 % on one canary replica, 80 % on four stable ones: each replica takes its share.
     arms = {"stable": _summary(4.0, requests=400), "canary": _summary(420.0, requests=100)}
     finding = capacity_finding(0.2, {"canary": 1, "stable": 4}, arms)
-    assert finding is not None and "wait 420 ms for a replica" in finding and "scale the canary to 2" in finding
+    assert finding is not None and "queue 420 ms at p95" in finding and "scale the canary to 2" in finding
     arms = {"stable": _summary(4.0, requests=400), "canary": _summary(30.0, requests=100)}
     assert capacity_finding(0.2, {"canary": 1, "stable": 4}, arms) is None
 
