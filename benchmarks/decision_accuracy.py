@@ -40,6 +40,14 @@ PHASES = (
     PhaseConfig(name="progress", weight=0.50, min_duration_s=20, min_requests=100),
     PhaseConfig(name="full", weight=1.0, approval=True),
 )
+# Argo's and Flagger's habit of many small steps: the same users come back at seven weights
+FINE_PHASES = (
+    *(
+        PhaseConfig(name=f"step-{round(weight * 100)}", weight=weight, min_duration_s=6, min_requests=100)
+        for weight in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50)
+    ),
+    PhaseConfig(name="full", weight=1.0, approval=True),
+)
 HORIZON = 150  # intervals; a rollout still undecided then counts as undecided
 # serve-canary's default plan (10, 30, 60 minutes), in intervals
 DEFAULT_LENGTH_PHASES = tuple(
@@ -74,10 +82,11 @@ class Scenario:
     load_linked: float = 0.0  # latency × (1 + this × the arm's load), one replica per arm
     max_error_rate_increase: float | None = None  # serve-canary's tolerance, if not the default
     default_lengths: bool = False  # serve-canary's default phase lengths, not the short plan
+    fine_steps: bool = False  # seven weights up to 50 % (`FINE_PHASES`), not three
 
     @property
     def phases(self) -> tuple[PhaseConfig, ...]:
-        return DEFAULT_LENGTH_PHASES if self.default_lengths else PHASES
+        return DEFAULT_LENGTH_PHASES if self.default_lengths else FINE_PHASES if self.fine_steps else PHASES
 
     @property
     def horizon(self) -> int:
@@ -110,6 +119,14 @@ SCENARIOS = (
     Scenario("latency 2×", regression=True, canary_latency=2.0),
     Scenario("p99 only: 2 % of answers 5× slower", regression=True, canary_slow_share=0.02),
     Scenario("+30 % output tokens, same latency", regression=True, canary_tokens=1.3),
+    # appended, so every other scenario keeps its seeds
+    Scenario(
+        "A/A, 7 steps, 2,000 sticky users, 30 always failing",
+        users=2000,
+        user_spread=1.0,
+        failing_users=30,
+        fine_steps=True,
+    ),
 )
 
 
@@ -133,6 +150,7 @@ class World:
         self.scenario = scenario
         count = scenario.users or 0
         self.position = rng.random(count)
+        self.unit_ids = [f"{int(position * 2**64):016x}" for position in self.position]  # as the router names units
         activity = rng.pareto(1.2, count) + 0.1
         self.activity = activity / activity.sum() if count else activity
         spread = scenario.user_spread
@@ -223,7 +241,7 @@ def _serve(
         worst = {key: np.maximum.reduceat(r[order], starts) for key, r in ratios.items()}
         for group, start in enumerate(starts.tolist()):
             over = {key: float(w[group]) for key, w in worst.items() if w[group] > 1.0}
-            tally.add(f"u{users[order[start]]}", bool(any_failed[group]), over)
+            tally.add(world.unit_ids[users[order[start]]], bool(any_failed[group]), over)
 
 
 def _reservoir_extend(reservoir, values: np.ndarray, rng: np.random.Generator) -> None:

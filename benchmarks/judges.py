@@ -64,7 +64,7 @@ class ServeCanaryJudge:
     def decide(self, look: Look) -> Verdict:
         if look.closed_windows > self._closed:  # the window of the last look has closed
             self._closed = look.closed_windows
-            if self._last is not None:
+            if self._last is not None and self._last.evidence is not None:
                 self._carried.append(self._last.evidence)
         self._last = judge(
             look.stable,

@@ -24,8 +24,11 @@ different, however its requests cluster.
 - Otherwise WAIT, with the reason; `awaiting_evidence` when only those dual tests are missing.
 
 Both tests run over the whole attempt: each closed window enters as its `Segment`s (the last
-verdict's counts and weight) as a factor of its own, which a ratio that changes from window
-to window cannot turn into evidence. A rollback factor is mixed half-and-half with 1, so a
+verdict's counts, by the canary share they were drawn with) as a factor of its own, which a
+ratio that changes from window to window cannot turn into evidence. A user who comes back
+at a later weight is no fresh draw: each window counts its users by the share of their band
+between the earlier weights that its weight covers (`units.canary_share`), leaving out those
+whose arm the earlier weights already tell. A rollback factor is mixed half-and-half with 1, so a
 window in which stable alone had an incident costs the canary's test at most ×2; a promotion
 factor is capped at 1/√promotion_alpha, so no single window (such an incident again) can
 certify the canary on its own.
@@ -38,7 +41,7 @@ metrics as data).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from serve_canary.config import HealthConfig
@@ -54,18 +57,27 @@ from serve_canary.sequential import (
     shortfall_e_value,
 )
 from serve_canary.shadow import ShadowTally
-from serve_canary.units import MEASURES, QUANTILES, UnitTally
+from serve_canary.units import MEASURES, QUANTILES, Census
 
 Decision = Literal["pass", "wait", "fail"]
 # A canary replica taking this much more of the window's requests than a stable one is loaded
 # apart from stable (a few heavy users hashed onto it, too few replicas for its weight): its
 # latencies then differ by load, which is a capacity finding, not the model's regression.
 OVERLOAD = 1.25
-# metric name → the segment it contributes from one closed window to the rollback test, and
-# metric name + PROMOTION to the promotion test
-WindowEvidence = Mapping[str, Segment]
+# What one window contributes to a test: its flagged units by the share of the canary
+# (`units.canary_share`) they were drawn with, one segment per share.
+Evidence = tuple[Segment, ...]
 PROMOTION = "/promotion"
-NO_SEGMENT: Segment = (0, 0, 0.0)
+
+
+@dataclass(frozen=True)
+class WindowEvidence:
+    """What a closed window contributes to later looks: per metric the rollback test's
+    segments, and per metric + PROMOTION the promotion test's; and the weight it was served
+    at, which tells later windows which side of it each user's hash position lay on."""
+
+    weight: float
+    segments: dict[str, Evidence]
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class MetricSpec:
     kind: Literal["rate", "quantile"]
     alpha_share: float
     allowed_increase: Callable[[HealthConfig], float]
-    flagged: Callable[[UnitTally], int] | None = None
+    flagged: Callable[[Census], int] | None = None
     threshold: str | None = None
     gates_promotion: bool = True
 
@@ -192,6 +204,7 @@ class UnitStats:
     canary_units: int
     stable_units: int
     threshold: float | None = None  # quantile metrics: stable's quantile (ms or tokens), fixed for the window
+    known_units: int = 0  # users not counted: their arm is no new draw (`units.canary_share`)
     kind: Literal["units"] = "units"
 
 
@@ -244,8 +257,8 @@ class MetricCheck:
     decision: Decision
     reason: str
     stats: UnitStats | LimitStats | RatingStats | PairStats | None = None
-    segment: Segment = NO_SEGMENT  # this window's contribution to the rollback test
-    promotion_segment: Segment = NO_SEGMENT  # and to the promotion test
+    segments: Evidence = ()  # this window's contribution to the rollback test
+    promotion_segments: Evidence = ()  # and to the promotion test
     alert: bool = False  # both arms are over an absolute limit
 
     @property
@@ -265,6 +278,7 @@ class Verdict:
     # minimums are met, no alert is raised and every comparison is running. Enough for a step
     # that leaves the canary short of full traffic (`rollout.evaluate`), not for full traffic.
     awaiting_evidence: bool = False
+    weight: float = 0.0  # the canary weight the window was served at
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (lists, not tuples), as it is persisted and shown."""
@@ -279,13 +293,13 @@ class Verdict:
         return [check.reason for check in self.checks if check.alert]
 
     @property
-    def evidence(self) -> dict[str, Segment]:
-        """What this window contributes to later looks once it is closed."""
-        evidence = {check.metric: check.segment for check in self.checks if check.segment != NO_SEGMENT}
+    def evidence(self) -> WindowEvidence | None:
+        """What this window contributes to later looks once it is closed (None: nothing)."""
+        segments = {check.metric: check.segments for check in self.checks if check.segments}
         for check in self.checks:
-            if check.promotion_segment != NO_SEGMENT:
-                evidence[check.metric + PROMOTION] = check.promotion_segment
-        return evidence
+            if check.promotion_segments:
+                segments[check.metric + PROMOTION] = check.promotion_segments
+        return WindowEvidence(self.weight, segments) if segments else None
 
 
 # The shadow phase's share of α, split evenly across the comparisons it judges.
@@ -294,22 +308,22 @@ SHADOW_ALPHA_SHARE = 0.04
 MAX_COMPARATOR_FAILURES = 0.1
 
 
-def attempt_e_value(earlier: Sequence[Segment], current: Segment) -> float:
+def attempt_e_value(earlier: Sequence[Evidence], current: Evidence) -> float:
     """The rollback test's e-value over the attempt: each closed window's factor mixed with 1
     (a window can cost at most ×2), times the current window's."""
-    value = ratio_e_value([current])
-    for segment in earlier:
-        value *= (1.0 + ratio_e_value([segment])) / 2.0
+    value = ratio_e_value(current)
+    for segments in earlier:
+        value *= (1.0 + ratio_e_value(segments)) / 2.0
     return value
 
 
-def promotion_e_value(earlier: Sequence[Segment], current: Segment, tolerance: float, cap: float) -> float:
+def promotion_e_value(earlier: Sequence[Evidence], current: Evidence, tolerance: float, cap: float) -> float:
     """The promotion test's e-value: each closed window's factor capped at `cap` (so no single
     window, e.g. one in which stable alone had an incident, can certify the canary), times the
     current window's."""
-    value = not_worse_than_e_value([current], tolerance)
-    for segment in earlier:
-        value *= min(not_worse_than_e_value([segment], tolerance), cap)
+    value = not_worse_than_e_value(current, tolerance)
+    for segments in earlier:
+        value *= min(not_worse_than_e_value(segments, tolerance), cap)
     return value
 
 
@@ -317,8 +331,7 @@ def _compare(
     spec: MetricSpec,
     stable: ArmAggregate,
     canary: ArmAggregate,
-    earlier: list[Segment],
-    earlier_promotion: list[Segment],
+    earlier: Sequence[WindowEvidence],
     health: HealthConfig,
     alpha: float,
     weight: float,
@@ -326,9 +339,17 @@ def _compare(
 ) -> MetricCheck:
     allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
     unproven: Decision = "wait" if spec.gates_promotion else "pass"  # no evidence yet, either way
+    earlier_weights = tuple(window.weight for window in earlier)
+    canary_strata = canary.units.strata(weight, earlier_weights)
+    stable_strata = stable.units.strata(weight, earlier_weights)
+    shares = sorted(share for share in canary_strata.keys() | stable_strata.keys() if 0.0 < share < 1.0)
+    strata = [
+        (canary_strata.get(share, Census.empty()), stable_strata.get(share, Census.empty()), share) for share in shares
+    ]
     if spec.kind == "rate":
         assert spec.flagged is not None
-        rollback = promotion = (spec.flagged(canary.units), spec.flagged(stable.units), weight)
+        flagged = spec.flagged
+        rollback = promotion = tuple((flagged(c), flagged(s), share) for c, s, share in strata)
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
         shown_threshold_value, tolerance = None, allowed
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
@@ -343,9 +364,9 @@ def _compare(
                 return MetricCheck(spec.name, None, None, allowed, "pass", "no canary samples: nothing to compare")
             reason = "stable's quantile is not fixed yet (too few samples)"
             return MetricCheck(spec.name, None, None, allowed, unproven, reason)
-        stable_over = stable.units.over(spec.threshold, 1.0, "inner")
-        rollback = (canary.units.over(spec.threshold, allowed, "inner"), stable_over, weight)
-        promotion = (canary.units.over(spec.threshold, allowed, "outer"), stable_over, weight)
+        key = spec.threshold
+        rollback = tuple((c.over(key, allowed, "inner"), s.over(key, 1.0, "inner"), share) for c, s, share in strata)
+        promotion = tuple((c.over(key, allowed, "outer"), s.over(key, 1.0, "inner"), share) for c, s, share in strata)
         level, scale = QUANTILES[quantile], 1.0 if measure == "tokens" else 1000.0
         samples = (stable.samples(measure).quantile(level), canary.samples(measure).quantile(level))
         shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]
@@ -354,28 +375,39 @@ def _compare(
         if measure in ("ttft", "e2e"):
             shown_threshold += " from the replica's receipt"
         what = f"users above {allowed:g}× stable's {quantile} ({shown_threshold}; stable: above 1×)"
-    canary_units, stable_units = canary.units.units, stable.units.units
-    if canary_units == 0 or stable_units == 0:
+    if canary.units.units == 0 or stable.units.units == 0:
         return MetricCheck(spec.name, *shown, allowed, unproven, "no users on one arm yet")
-    e_value = attempt_e_value(earlier, rollback)
-    promotion_e = promotion_e_value(earlier_promotion, promotion, tolerance, cap=promotion_alpha**-0.5)
+    e_value = attempt_e_value([w.segments[spec.name] for w in earlier if spec.name in w.segments], rollback)
+    promotion_e = promotion_e_value(
+        [w.segments[spec.name + PROMOTION] for w in earlier if spec.name + PROMOTION in w.segments],
+        promotion,
+        tolerance,
+        cap=promotion_alpha**-0.5,
+    )
+    canary_units, stable_units = sum(c.units for c, _, _ in strata), sum(s.units for _, s, _ in strata)
     stats = UnitStats(
         e_value=e_value,
         e_threshold=1.0 / alpha,
         not_worse_e_value=promotion_e,
         not_worse_threshold=1.0 / promotion_alpha,
         canary_weight=weight,
-        canary_flagged=rollback[0],
-        stable_flagged=rollback[1],
+        canary_flagged=sum(flagged for flagged, _, _ in rollback),
+        stable_flagged=sum(flagged for _, flagged, _ in rollback),
         canary_units=canary_units,
         stable_units=stable_units,
         threshold=shown_threshold_value,
+        known_units=canary.units.units + stable.units.units - canary_units - stable_units,
     )
 
     def check(decision: Decision, reason: str) -> MetricCheck:
         return MetricCheck(spec.name, *shown, allowed, decision, reason, stats, rollback, promotion)
 
-    counts = f"{what}: canary {rollback[0]}/{canary_units}, stable {rollback[1]}/{stable_units} at weight {weight:g}"
+    counts = (
+        f"{what}: canary {stats.canary_flagged}/{canary_units}, stable {stats.stable_flagged}/{stable_units} "
+        f"at weight {weight:g}"
+    )
+    if stats.known_units:
+        counts += f"; {stats.known_units} users whose arm the earlier weights tell are not counted"
     if e_value >= 1.0 / alpha:
         worse = f"canary worse by more than {allowed:g}× ({counts}; e-value {e_value:.3g})"
         if overload is not None and load_sensitive:
@@ -392,7 +424,9 @@ def _compare(
     if spec.kind == "quantile":
         # Without spread on stable (every answer equally long: no unit is above stable's own
         # quantile) the comparison has no events; the quantile itself can still be shown.
-        _, share_upper = proportion_bounds(promotion[0], canary_units, promotion_alpha)
+        _, share_upper = proportion_bounds(
+            canary.units.over(key, allowed, "outer"), canary.units.units, promotion_alpha
+        )
         if share_upper <= 1.0 - level:
             return check(
                 "pass",
@@ -489,18 +523,7 @@ def judge(
     spent = 2.0 ** -(window_index + 1)
     overload = _overload(stable, canary, replicas)
     compared = [
-        _compare(
-            spec,
-            stable,
-            canary,
-            [window[spec.name] for window in earlier if spec.name in window],
-            [window[spec.name + PROMOTION] for window in earlier if spec.name + PROMOTION in window],
-            health,
-            alpha * spec.alpha_share,
-            weight,
-            overload,
-        )
-        for spec in METRICS
+        _compare(spec, stable, canary, earlier, health, alpha * spec.alpha_share, weight, overload) for spec in METRICS
     ]
     rating = _rating_check(stable, canary, health.max_rating_decrease, alpha * RATING_ALPHA_SHARE * spent, weight)
     limits = [_limit_check(spec, stable, canary, health, alpha * spec.alpha_share * spent) for spec in LIMITS]
@@ -512,7 +535,8 @@ def judge(
         else None
     )
     counts = (stable.requests, canary.requests)
-    return _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
+    verdict = _decide(checks, counts, short_of_traffic, "every metric shown within its allowed increase")
+    return replace(verdict, weight=weight)
 
 
 def replica_load(stable_share: float, canary_share: float, replicas: Mapping[Arm, int]) -> float | None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from serve_canary.config import PhaseConfig
-from serve_canary.judge import Verdict
-from serve_canary.sequential import Segment
+from serve_canary.judge import Verdict, WindowEvidence
 
 Status = Literal["running", "paused", "awaiting_approval", "rolled_back", "complete", "state_error"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -59,7 +58,21 @@ class RolloutState(BaseModel):
     events: tuple[Event, ...]
     # The judge's evidence from each closed window of this attempt (its last verdict's segments),
     # so the sequential tests span phases without the samples, and survive any restart.
-    evidence: tuple[dict[str, Segment], ...] = ()
+    evidence: tuple[WindowEvidence, ...] = ()
+
+    @field_validator("evidence", mode="before")
+    @classmethod
+    def _weighted(cls, windows: Any) -> Any:
+        """A window stored before evidence carried its weight ({metric: segment}, every
+        segment at the window's weight) reads as that weight's one segment per metric."""
+        if not isinstance(windows, list | tuple):
+            return windows
+        return [
+            {"weight": next(iter(window.values()))[2], "segments": {k: [v] for k, v in window.items()}}
+            if isinstance(window, dict) and window and "segments" not in window
+            else window
+            for window in windows
+        ]
 
     @property
     def window(self) -> str:

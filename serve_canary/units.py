@@ -14,12 +14,21 @@ Under "the canary is no different", which arm a unit is on is independent of wha
 does, so each unit that is flagged is the canary's with probability equal to the canary's
 weight, however many requests it sent: the conditional binomial of `sequential` applies to
 flagged units exactly.
+
+Across windows the same user comes back at a new weight, and its arm is no longer a fresh
+draw: a user on the canary at 5 % is on it at 20 % for sure. The tests that multiply
+evidence across windows therefore condition on what the earlier windows' weights already
+tell about each user's hash position (`canary_share`): a keyed unit whose band between the
+earlier weights lies on one side of the current weight carries no new evidence, the others
+are the canary's with the share of their band the current weight covers. Keyless requests
+are fresh draws at every weight. `UnitTally.strata` groups units by that share.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,8 +38,27 @@ THRESHOLD_KEYS = tuple(f"{measure}_{name}" for measure in MEASURES for name in Q
 MAX_KEYED_UNITS = 100_000  # per arm and window; keys beyond it are counted request by request
 RATIO_BINS = 700  # the grid's top bin holds every ratio above 1.01^700 (≈ 1,060×)
 _LOG_STEP = math.log(1.01)
+_SPACE = float(1 << 64)
 
 Side = Literal["inner", "outer"]
+
+
+def hash_position(unit: str) -> float:
+    """A keyed unit's hash position in [0, 1) (its id is the position's 64 bits in hex)."""
+    return int(unit, 16) / _SPACE
+
+
+def canary_share(unit_position: float, weight: float, earlier_weights: Iterable[float]) -> float:
+    """P(a unit at `unit_position` is on the canary at `weight` | which side of each of
+    `earlier_weights` it lay on): the share of its band between earlier weights that `weight`
+    covers, 0 or 1 when the band lies wholly on one side."""
+    low, high = 0.0, 1.0
+    for earlier in earlier_weights:
+        if earlier <= unit_position:
+            low = max(low, earlier)
+        else:
+            high = min(high, earlier)
+    return min(max((weight - low) / (high - low), 0.0), 1.0)
 
 
 def ratio_bin(ratio: float) -> int:
@@ -72,6 +100,7 @@ class UnitTally:
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
     _changes: int = 0
     _counted: tuple[int, Census | None] = (-1, None)
+    _stratified: tuple[int, tuple[float, tuple[float, ...]], dict[float, Census] | None] = (-1, (0.0, ()), None)
 
     def _unit(self, unit: str | None) -> UnitOutcome | None:
         if unit is None:
@@ -141,43 +170,79 @@ class UnitTally:
 
     def over(self, key: str, limit: float, side: Side) -> int:
         """Units whose worst `key` measure went above `limit` × the threshold."""
-        first = first_bin_over(limit, side)
-        return sum(count for index, count in self._census().worst[key].items() if index >= first)
+        return self._census().over(key, limit, side)
+
+    def strata(self, weight: float, earlier_weights: tuple[float, ...]) -> dict[float, Census]:
+        """The units by `canary_share` at `weight` given `earlier_weights` (keyless units: the
+        weight itself), each share's counts apart; shares 0 and 1 hold the units whose arm the
+        earlier weights already tell."""
+        changes, asked, strata = self._stratified
+        if changes != self._changes or asked != (weight, earlier_weights) or strata is None:
+            strata = {}
+            if self.keyless:
+                strata[weight] = self._keyless_census()
+            for unit, outcome in self.keyed.items():
+                share = canary_share(hash_position(unit), weight, earlier_weights) if earlier_weights else weight
+                census = strata.get(share)
+                if census is None:
+                    census = strata[share] = Census.empty()
+                census.count(outcome)
+            self._stratified = (self._changes, (weight, earlier_weights), strata)
+        return strata
+
+    def _keyless_census(self) -> Census:
+        return Census(
+            requests=self.keyless,
+            squares=self.keyless,
+            units=self.keyless,
+            errors=self.keyless_errors,
+            hallucinations=self.keyless_hallucinations,
+            shortfalls=list(self.keyless_shortfalls),
+            worst={name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS},
+        )
 
     def _census(self) -> Census:
         """Every count the judge reads, in one pass over the keyed units, kept until the next
         change (a look asks for each many times)."""
         changes, census = self._counted
         if changes != self._changes or census is None:
-            census = Census(
-                requests=self.keyless,
-                squares=self.keyless,
-                errors=self.keyless_errors,
-                hallucinations=self.keyless_hallucinations,
-                shortfalls=list(self.keyless_shortfalls),
-                worst={name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS},
-            )
+            census = self._keyless_census()
             for outcome in self.keyed.values():
-                census.requests += outcome.requests
-                census.squares += outcome.requests * outcome.requests
-                census.errors += outcome.error
-                census.hallucinations += outcome.hallucination
-                if outcome.ratings:
-                    census.shortfalls.append(outcome.rating_shortfall / outcome.ratings)
-                for name, index in outcome.worst.items():
-                    census.worst[name][index] += 1
+                census.count(outcome)
             self._counted = (self._changes, census)
         return census
 
 
 @dataclass
 class Census:
-    """A tally's counts at one moment: requests (and their squares per unit), flagged units,
-    and units per bin of their worst ratio to each threshold."""
+    """A set of units' counts at one moment: requests (and their squares per unit), flagged
+    units, and units per bin of their worst ratio to each threshold."""
 
     requests: int
     squares: int
+    units: int
     errors: int
     hallucinations: int
     shortfalls: list[float]
     worst: dict[str, Counter[int]]
+
+    @classmethod
+    def empty(cls) -> Census:
+        return cls(0, 0, 0, 0, 0, [], {name: Counter() for name in THRESHOLD_KEYS})
+
+    def count(self, outcome: UnitOutcome) -> None:
+        """Add one keyed unit."""
+        self.requests += outcome.requests
+        self.squares += outcome.requests * outcome.requests
+        self.units += 1
+        self.errors += outcome.error
+        self.hallucinations += outcome.hallucination
+        if outcome.ratings:
+            self.shortfalls.append(outcome.rating_shortfall / outcome.ratings)
+        for name, index in outcome.worst.items():
+            self.worst[name][index] += 1
+
+    def over(self, key: str, limit: float, side: Side) -> int:
+        """Units whose worst `key` measure went above `limit` × the threshold."""
+        first = first_bin_over(limit, side)
+        return sum(count for index, count in self.worst[key].items() if index >= first)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from serve_canary.metrics import MetricsLedger, RequestRecord, Reservoir, quantile
+from serve_canary.routing import RoutingTable
+from serve_canary.units import canary_share, hash_position
 
 
 def record(
@@ -119,3 +121,36 @@ def test_waiting_for_a_replica_is_kept_apart_from_what_the_replica_took():
     assert sorted(canary.samples("e2e").values) == pytest.approx([0.4, 0.4])
     assert canary.queue_s.values == [0.3]  # an unstamped request's wait is unknown, not 0
     assert canary.summary().queue_ms.p95 == 300.0
+
+
+@pytest.mark.parametrize(
+    ("position", "weight", "earlier", "share"),
+    [
+        (0.03, 0.05, (), 0.05),  # the first window: every user a fresh draw
+        (0.03, 0.20, (0.05,), 1.0),  # on the canary at 5 %: on it at 20 % for sure
+        (0.60, 0.20, (0.05,), 0.15 / 0.95),  # on stable at 5 %: a 15/95 chance at 20 %
+        (0.30, 0.20, (0.05, 0.50), 0.15 / 0.45),  # a manual weight down: between the two earlier ones
+        (0.70, 0.20, (0.05, 0.50), 0.0),  # on stable at 50 %: on stable at 20 % for sure
+        (0.40, 0.50, (0.05, 0.50), 1.0),  # the same weight again: nothing new
+    ],
+)
+def test_a_users_canary_share_is_the_part_of_its_band_the_weight_covers(position, weight, earlier, share):
+    assert canary_share(position, weight, earlier) == pytest.approx(share)
+
+
+def test_units_are_stratified_by_what_earlier_weights_tell_and_keyless_requests_stay_fresh():
+    table = RoutingTable(1, "r", "w", "salt", 0.2, "v1", "v2", "p", "running")
+    ledger = MetricsLedger()
+    positions = []
+    for i in range(400):
+        arm, unit = table.route(f"user-{i}")
+        positions.append(hash_position(unit))
+        ledger.add([record(f"r{i}", arm, outcome="error", unit=unit)])
+    ledger.add([record(f"k{i}", "canary", outcome="error") for i in range(7)])
+    canary, stable = (ledger.window("w1")[arm].units.strata(0.2, (0.05,)) for arm in ("canary", "stable"))
+    fresh = (0.2 - 0.05) / (1.0 - 0.05)  # the share of [5 %, 100 %) that 20 % covers
+    assert set(stable) == {fresh} and stable[fresh].units == sum(p >= 0.2 for p in positions)
+    assert set(canary) == {0.2, fresh, 1.0}
+    assert canary[0.2].units == canary[0.2].errors == 7  # keyless: a fresh draw at 20 %
+    assert canary[fresh].units == sum(0.05 <= p < 0.2 for p in positions)
+    assert canary[1.0].units == sum(p < 0.05 for p in positions)  # on the canary at 5 % already

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve_canary.config import PhaseConfig
-from serve_canary.judge import MetricCheck, Verdict
+from serve_canary.judge import MetricCheck, Verdict, WindowEvidence
 from serve_canary.rollout import (
     TransitionError,
     approve,
@@ -32,9 +32,14 @@ PHASES = (
 PASS = Verdict("pass", "healthy", (), 100, 100)
 WAIT = Verdict("wait", "waiting for traffic", (), 3, 100)
 FAIL = Verdict("fail", "error_rate 20% above 1%", (), 100, 100)
-EVIDENCE = {"error_rate": (1, 20, 0.05)}
+EVIDENCE = WindowEvidence(0.05, {"error_rate": ((1, 20, 0.05),)})
 PASS_WITH_EVIDENCE = Verdict(
-    "pass", "healthy", (MetricCheck("error_rate", 0.01, 0.01, 1.5, "pass", "shown", None, (1, 20, 0.05)),), 100, 100
+    "pass",
+    "healthy",
+    (MetricCheck("error_rate", 0.01, 0.01, 1.5, "pass", "shown", None, ((1, 20, 0.05),)),),
+    100,
+    100,
+    weight=0.05,
 )
 
 
@@ -191,6 +196,13 @@ def test_state_round_trips_through_json():
 
     state = walk_to_approval()
     assert RolloutState.model_validate_json(state.model_dump_json()) == state
+
+
+def test_a_state_stored_before_evidence_carried_its_weight_still_loads():
+    from serve_canary.rollout import RolloutState
+
+    stored = fresh().model_dump(mode="json") | {"evidence": [{"error_rate": [1, 20, 0.05]}]}
+    assert RolloutState.model_validate(stored).evidence == (EVIDENCE,)
 
 
 def test_closed_windows_leave_their_last_evidence_to_their_attempt_only():
