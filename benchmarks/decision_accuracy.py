@@ -400,6 +400,7 @@ def main() -> None:
         "reservoir": RESERVOIR_SIZE,
         "phases": [p.model_dump() for p in PHASES],
         "default_length_phases": [p.model_dump() for p in DEFAULT_LENGTH_PHASES],
+        "fine_phases": [p.model_dump() for p in FINE_PHASES],
         "scenarios": [asdict(s) for s in SCENARIOS],
         "seconds": round(time.time() - started, 1),
     }
