@@ -25,13 +25,13 @@ different, however its requests cluster.
 
 Both tests run over the whole attempt: each closed window enters as its `Segment`s (the last
 verdict's counts, by the canary share they were drawn with) as a factor of its own, which a
-ratio that changes from window to window cannot turn into evidence. A user who comes back
-at a later weight is no fresh draw: each window counts its users by the share of their band
+ratio that changes from window to window cannot turn into evidence. A user who comes back at
+a later weight is no fresh draw: each window counts its users by the share of their band
 between the earlier weights that its weight covers (`units.canary_share`), leaving out those
-whose arm the earlier weights already tell. A rollback factor is mixed half-and-half with 1, so a
-window in which stable alone had an incident costs the canary's test at most ×2; a promotion
-factor is capped at 1/√promotion_alpha, so no single window (such an incident again) can
-certify the canary on its own.
+whose arm the earlier weights already tell. A rollback factor is mixed half-and-half with 1,
+so a window in which stable alone had an incident costs the canary's test at most ×2; a
+promotion factor is capped at 1/√promotion_alpha, so no single window (such an incident
+again) can certify the canary on its own.
 Absolute limits and the rating comparison spend their share of α over the attempt's windows
 (half, a quarter, ...).
 α, the attempt's false-rollback budget, is split across `METRICS` and `LIMITS` (Kayenta's
