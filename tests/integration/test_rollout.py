@@ -239,7 +239,7 @@ def test_canary_requests_queueing_for_a_busy_replica_are_a_capacity_finding_not_
     canary, stable = status["arms"]["canary"], status["arms"]["stable"]
     # What users of the canary waited (seen TTFT) is mostly the queue, not the model.
     assert canary["queue_ms"]["p95"] > 3 * 40 and canary["ttft_ms"]["p95"] > 2 * stable["ttft_ms"]["p95"]
-    assert "for a replica" in status["capacity"] and "scale the canary to 2 replicas" in status["capacity"]
+    assert "canary requests queue" in status["capacity"] and "scale the canary to 2 replicas" in status["capacity"]
     checks = {check["metric"]: check for check in status["last_verdict"]["checks"]}
     assert checks["ttft_p95_ms"]["decision"] != "fail", checks["ttft_p95_ms"]["reason"]
     assert set(outcomes) == {"200"}, outcomes
