@@ -327,25 +327,39 @@ def promotion_e_value(earlier: Sequence[Evidence], current: Evidence, tolerance:
     return value
 
 
+# The canary's and stable's units drawn with one canary share, and that share.
+Stratum = tuple[Census, Census, float]
+
+
+def _strata(
+    stable: ArmAggregate, canary: ArmAggregate, weight: float, earlier: Sequence[WindowEvidence]
+) -> list[Stratum]:
+    """The window's units by the canary share they were drawn with given the earlier windows'
+    weights (`units.canary_share`), leaving out those whose arm is no new draw (share 0 or 1)."""
+    earlier_weights = tuple(window.weight for window in earlier)
+    canary_strata = canary.units.strata(weight, earlier_weights)
+    stable_strata = stable.units.strata(weight, earlier_weights)
+    shares = sorted(share for share in canary_strata.keys() | stable_strata.keys() if 0.0 < share < 1.0)
+    return [
+        (canary_strata.get(share) or Census.empty(), stable_strata.get(share) or Census.empty(), share)
+        for share in shares
+    ]
+
+
 def _compare(
     spec: MetricSpec,
     stable: ArmAggregate,
     canary: ArmAggregate,
     earlier: Sequence[WindowEvidence],
+    strata: Sequence[Stratum],
     health: HealthConfig,
     alpha: float,
     weight: float,
     overload: float | None,
 ) -> MetricCheck:
+    """Compare one metric over the window's `strata` (`_strata`) and the `earlier` windows'."""
     allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
     unproven: Decision = "wait" if spec.gates_promotion else "pass"  # no evidence yet, either way
-    earlier_weights = tuple(window.weight for window in earlier)
-    canary_strata = canary.units.strata(weight, earlier_weights)
-    stable_strata = stable.units.strata(weight, earlier_weights)
-    shares = sorted(share for share in canary_strata.keys() | stable_strata.keys() if 0.0 < share < 1.0)
-    strata = [
-        (canary_strata.get(share, Census.empty()), stable_strata.get(share, Census.empty()), share) for share in shares
-    ]
     if spec.kind == "rate":
         assert spec.flagged is not None
         flagged = spec.flagged
@@ -522,8 +536,10 @@ def judge(
     """
     spent = 2.0 ** -(window_index + 1)
     overload = _overload(stable, canary, replicas)
+    strata = _strata(stable, canary, weight, earlier)
     compared = [
-        _compare(spec, stable, canary, earlier, health, alpha * spec.alpha_share, weight, overload) for spec in METRICS
+        _compare(spec, stable, canary, earlier, strata, health, alpha * spec.alpha_share, weight, overload)
+        for spec in METRICS
     ]
     rating = _rating_check(stable, canary, health.max_rating_decrease, alpha * RATING_ALPHA_SHARE * spent, weight)
     limits = [_limit_check(spec, stable, canary, health, alpha * spec.alpha_share * spent) for spec in LIMITS]

@@ -100,7 +100,6 @@ class UnitTally:
     keyless_worst: dict[str, Counter[int]] = field(default_factory=dict)
     _changes: int = 0
     _counted: tuple[int, Census | None] = (-1, None)
-    _stratified: tuple[int, tuple[float, tuple[float, ...]], dict[float, Census] | None] = (-1, (0.0, ()), None)
 
     def _unit(self, unit: str | None) -> UnitOutcome | None:
         if unit is None:
@@ -175,19 +174,16 @@ class UnitTally:
     def strata(self, weight: float, earlier_weights: tuple[float, ...]) -> dict[float, Census]:
         """The units by `canary_share` at `weight` given `earlier_weights` (keyless units: the
         weight itself), each share's counts apart; shares 0 and 1 hold the units whose arm the
-        earlier weights already tell."""
-        changes, asked, strata = self._stratified
-        if changes != self._changes or asked != (weight, earlier_weights) or strata is None:
-            strata = {}
-            if self.keyless:
-                strata[weight] = self._keyless_census()
-            for unit, outcome in self.keyed.items():
-                share = canary_share(hash_position(unit), weight, earlier_weights) if earlier_weights else weight
-                census = strata.get(share)
-                if census is None:
-                    census = strata[share] = Census.empty()
-                census.count(outcome)
-            self._stratified = (self._changes, (weight, earlier_weights), strata)
+        earlier weights already tell. One pass over the keyed units: the judge asks once a look."""
+        strata: dict[float, Census] = {}
+        if self.keyless:
+            strata[weight] = self._keyless_census()
+        for unit, outcome in self.keyed.items():
+            share = canary_share(hash_position(unit), weight, earlier_weights) if earlier_weights else weight
+            census = strata.get(share)
+            if census is None:
+                census = strata[share] = Census.empty()
+            census.count(outcome)
         return strata
 
     def _keyless_census(self) -> Census:
