@@ -31,7 +31,9 @@ between the earlier weights that its weight covers (`units.canary_share`), leavi
 whose arm the earlier weights already tell. A rollback factor is mixed half-and-half with 1,
 so a window in which stable alone had an incident costs the canary's test at most ×2; a
 promotion factor is capped at 1/√promotion_alpha, so no single window (such an incident
-again) can certify the canary on its own.
+again) can certify the canary on its own. When users come back, after a few small steps the
+conditioned product has little left to learn from; promotion may then also be shown by the
+current window's users alone (`_window_promotion`), each way on half of promotion_alpha.
 Absolute limits and the rating comparison spend their share of α over the attempt's windows
 (half, a quarter, ...).
 α, the attempt's false-rollback budget, is split across `METRICS` and `LIMITS` (Kayenta's
@@ -205,6 +207,10 @@ class UnitStats:
     stable_units: int
     threshold: float | None = None  # quantile metrics: stable's quantile (ms or tokens), fixed for the window
     known_units: int = 0  # users not counted: their arm is no new draw (`units.canary_share`)
+    # Users who come back across weights: the promotion test on this window's users alone
+    # (`_window_promotion`), and the threshold it must reach (None: not run).
+    window_e_value: float | None = None
+    window_threshold: float | None = None
     kind: Literal["units"] = "units"
 
 
@@ -360,10 +366,12 @@ def _compare(
     """Compare one metric over the window's `strata` (`_strata`) and the `earlier` windows'."""
     allowed, promotion_alpha = spec.allowed_increase(health), health.promotion_alpha
     unproven: Decision = "wait" if spec.gates_promotion else "pass"  # no evidence yet, either way
+    every_canary, every_stable = canary.units.census(), stable.units.census()
     if spec.kind == "rate":
         assert spec.flagged is not None
         flagged = spec.flagged
         rollback = promotion = tuple((flagged(c), flagged(s), share) for c, s, share in strata)
+        window = ((flagged(every_canary), flagged(every_stable), weight),)
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
         shown_threshold_value, tolerance = None, allowed
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
@@ -381,6 +389,7 @@ def _compare(
         key = spec.threshold
         rollback = tuple((c.over(key, allowed, "inner"), s.over(key, 1.0, "inner"), share) for c, s, share in strata)
         promotion = tuple((c.over(key, allowed, "outer"), s.over(key, 1.0, "inner"), share) for c, s, share in strata)
+        window = ((every_canary.over(key, allowed, "outer"), every_stable.over(key, 1.0, "inner"), weight),)
         level, scale = QUANTILES[quantile], 1.0 if measure == "tokens" else 1000.0
         samples = (stable.samples(measure).quantile(level), canary.samples(measure).quantile(level))
         shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]
@@ -398,12 +407,16 @@ def _compare(
         tolerance,
         cap=promotion_alpha**-0.5,
     )
+    promotion_threshold, window_e, window_threshold = 1.0 / promotion_alpha, None, None
+    if earlier and (canary.units.keyed or stable.units.keyed):
+        promotion_threshold, window_threshold = _window_promotion(promotion_alpha, earlier, weight)
+        window_e = not_worse_than_e_value(window, tolerance)
     canary_units, stable_units = sum(c.units for c, _, _ in strata), sum(s.units for _, s, _ in strata)
     stats = UnitStats(
         e_value=e_value,
         e_threshold=1.0 / alpha,
         not_worse_e_value=promotion_e,
-        not_worse_threshold=1.0 / promotion_alpha,
+        not_worse_threshold=promotion_threshold,
         canary_weight=weight,
         canary_flagged=sum(flagged for flagged, _, _ in rollback),
         stable_flagged=sum(flagged for _, flagged, _ in rollback),
@@ -411,6 +424,8 @@ def _compare(
         stable_units=stable_units,
         threshold=shown_threshold_value,
         known_units=canary.units.units + stable.units.units - canary_units - stable_units,
+        window_e_value=window_e,
+        window_threshold=window_threshold,
     )
 
     def check(decision: Decision, reason: str) -> MetricCheck:
@@ -429,8 +444,15 @@ def _compare(
         return check("fail", f"{spec.name}: {worse}")
     if not spec.gates_promotion:
         return check("pass", f"no evidence of more {what}")
-    if promotion_e >= 1.0 / promotion_alpha:
+    if promotion_e >= promotion_threshold:
         return check("pass", f"canary shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g})")
+    if window_e is not None and window_threshold is not None and window_e >= window_threshold:
+        every = f"canary {window[0][0]}/{every_canary.units}, stable {window[0][1]}/{every_stable.units}"
+        return check(
+            "pass",
+            f"canary shown within {allowed:g}× by this window's users alone ({what}: {every} at weight "
+            f"{weight:g}; e-value {window_e:.3g} of {window_threshold:.3g})",
+        )
     if spec.name == "error_rate":
         _, rate_upper = _rate_bounds(canary, promotion_alpha)
         if rate_upper is not None and rate_upper <= health.max_error_rate:
@@ -449,8 +471,26 @@ def _compare(
             )
     return check(
         "wait",
-        f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {1 / promotion_alpha:.3g})",
+        f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {promotion_threshold:.3g})",
     )
+
+
+def _window_promotion(promotion_alpha: float, earlier: Sequence[WindowEvidence], weight: float) -> tuple[float, float]:
+    """Thresholds when users come back across weights: (the attempt's conditioned product,
+    this window's users alone), each on half of the promotion α.
+
+    Conditioned on earlier weights, a user adds evidence only when the new weight splits its
+    band, so after a few small steps the product has little left to learn from. Without the
+    conditioning, the window's users are the canary's with the weight's chance over the draw
+    of the router's salt, as in an attempt's first window; that bounds the chance that this
+    window wrongly certifies the canary, whatever made the attempt reach it, as long as users
+    come and behave alike whenever the window is opened (the assumption of every fixed-sample
+    A/B test; the conditioned product and the rollback test do without it). The window's half
+    is halved again for each earlier window at the same weight (a reopened window is another
+    chance).
+    """
+    repeats = sum(1 for window in earlier if window.weight == weight)
+    return 2.0 / promotion_alpha, 2.0 ** (repeats + 2) / promotion_alpha
 
 
 def _limit_check(

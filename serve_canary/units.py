@@ -149,27 +149,27 @@ class UnitTally:
         """How many independent requests the arm's requests are worth when each unit's
         requests are alike: (Σ nᵢ)² / Σ nᵢ² over units of nᵢ requests (Kish's effective
         sample size). Per-request confidence bounds use it in place of the request count."""
-        census = self._census()
+        census = self.census()
         return census.requests**2 / census.squares if census.squares else 0.0
 
     @property
     def errors(self) -> int:
         """Units with at least one error."""
-        return self._census().errors
+        return self.census().errors
 
     @property
     def hallucinations(self) -> int:
         """Units with at least one answer flagged as a hallucination."""
-        return self._census().hallucinations
+        return self.census().hallucinations
 
     @property
     def shortfalls(self) -> list[float]:
         """Each rating unit's mean shortfall from the best rating (0: all best, 1: all worst)."""
-        return self._census().shortfalls
+        return self.census().shortfalls
 
     def over(self, key: str, limit: float, side: Side) -> int:
         """Units whose worst `key` measure went above `limit` × the threshold."""
-        return self._census().over(key, limit, side)
+        return self.census().over(key, limit, side)
 
     def strata(self, weight: float, earlier_weights: tuple[float, ...]) -> dict[float, Census]:
         """The units by `canary_share` at `weight` given `earlier_weights` (keyless units: the
@@ -197,9 +197,9 @@ class UnitTally:
             worst={name: Counter(self.keyless_worst.get(name, {})) for name in THRESHOLD_KEYS},
         )
 
-    def _census(self) -> Census:
-        """Every count the judge reads, in one pass over the keyed units, kept until the next
-        change (a look asks for each many times)."""
+    def census(self) -> Census:
+        """Every count the judge reads, all units together, in one pass over the keyed units,
+        kept until the next change (a look asks for each many times)."""
         changes, census = self._counted
         if changes != self._changes or census is None:
             census = self._keyless_census()

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from serve_canary.config import HealthConfig
-from serve_canary.judge import METRICS, LimitStats, RatingStats, UnitStats, WindowEvidence, judge
+from serve_canary.judge import METRICS, LimitStats, MetricCheck, RatingStats, UnitStats, WindowEvidence, judge
 from serve_canary.metrics import ArmAggregate, MetricsLedger, RequestRecord
 from serve_canary.routing import RoutingTable
 
@@ -445,3 +445,59 @@ def test_users_who_come_back_at_each_weight_are_not_counted_as_fresh_draws():
             if verdict.evidence is not None:
                 earlier.append(verdict.evidence)
     assert binomtest(rolled_back, trials, alpha_share, alternative="greater").pvalue > 0.001, rolled_back
+
+
+def _seven_steps(salt: str, users: int, stable_error: float, canary_error: float, seed: int) -> MetricCheck:
+    """Keyed users (one request each per window) through the seven weights up to 50 %, routed
+    by the router's salted hash; the last window's error check, the earlier windows carried."""
+    rng = random.Random(seed)
+    earlier: list[WindowEvidence] = []
+    for weight in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
+        table = RoutingTable(1, "r", "w", salt, weight, "v1", "v2", "p", "running")
+        arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
+        for user in range(users):
+            arm, unit = table.route(f"user-{user}")
+            arms[arm].requests += 1
+            arms[arm].units.add(unit, rng.random() < (canary_error if arm == "canary" else stable_error), {})
+        verdict = verdict_on(arms, weight=weight, min_requests=1, earlier=earlier)
+        if verdict.evidence is not None:
+            earlier.append(verdict.evidence)
+    return check(verdict, "error_rate")
+
+
+def test_users_who_came_back_at_every_weight_still_show_an_unchanged_canary_within_its_tolerance():
+    """A rollout of the decision-accuracy benchmark that stayed undecided (A/A, 2,000 sticky
+    users, seven weights up to 50 %): the earlier windows' few split users carried little, and
+    at 50 % after 40 % only the users between count, each the canary's with a 1/6 chance. The
+    window's users alone, at its weight, show the canary within 1.5×."""
+    shares = (0.05, 0.05 / 0.95, 0.05 / 0.9, 0.05 / 0.85, 0.1 / 0.8, 0.1 / 0.7)
+    counts = ((2, 42), (3, 34), (0, 31), (3, 36), (2, 44), (5, 28))
+    earlier = [
+        WindowEvidence(weight, {"error_rate/promotion": ((canary, stable, share),)})
+        for weight, (canary, stable), share in zip((0.05, 0.1, 0.15, 0.2, 0.3, 0.4), counts, shares, strict=True)
+    ]
+    arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
+
+    def users(arm: str, low: float, high: float, count: int, failing: int) -> None:
+        for i in range(count):
+            unit = f"{int((low + (high - low) * (i + 0.5) / count) * 2**64):016x}"  # its hash position
+            arms[arm].requests += 1
+            arms[arm].errors += i < failing
+            arms[arm].units.add(unit, i < failing, {})
+
+    users("canary", 0.0, 0.4, 800, 130)  # on the canary since 5 %: no new draw
+    users("canary", 0.4, 0.5, 191, 41)
+    users("stable", 0.5, 1.0, 965, 160)
+    error = check(verdict_on(arms, weight=0.5, min_requests=1, earlier=earlier), "error_rate")
+    assert error.stats.not_worse_e_value < error.stats.not_worse_threshold  # the conditioned product
+    assert error.decision == "pass", error.reason
+    assert "by this window's users alone" in error.reason
+    assert error.stats.window_e_value >= error.stats.window_threshold
+
+
+def test_the_window_alone_rarely_certifies_a_canary_at_its_tolerance():
+    """A canary whose users fail 1.5× as often (at the tolerance: it must not be shown within
+    it) through the same seven weights: certified in at most the promotion α."""
+    trials = 150
+    certified = sum(_seven_steps(f"salt-{trial}", 2000, 0.2, 0.3, trial).decision == "pass" for trial in range(trials))
+    assert binomtest(certified, trials, HEALTH.promotion_alpha, alternative="greater").pvalue > 0.001, certified
