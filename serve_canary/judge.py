@@ -469,9 +469,10 @@ def _compare(
                 f"at most {share_upper:.1%} of canary users above {allowed:g}× stable's {quantile} "
                 f"(≤ {1.0 - level:.0%}; {counts})",
             )
+    alone = "" if window_e is None else f"; this window's users alone: e-value {window_e:.3g} of {window_threshold:.3g}"
     return check(
         "wait",
-        f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {promotion_threshold:.3g})",
+        f"not yet shown within {allowed:g}× ({counts}; e-value {promotion_e:.3g} of {promotion_threshold:.3g}{alone})",
     )
 
 

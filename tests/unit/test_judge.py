@@ -476,23 +476,28 @@ def test_users_who_came_back_at_every_weight_still_show_an_unchanged_canary_with
         WindowEvidence(weight, {"error_rate/promotion": ((canary, stable, share),)})
         for weight, (canary, stable), share in zip((0.05, 0.1, 0.15, 0.2, 0.3, 0.4), counts, shares, strict=True)
     ]
-    arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
 
-    def users(arm: str, low: float, high: float, count: int, failing: int) -> None:
+    def users(arms: dict[str, ArmAggregate], arm: str, low: float, high: float, count: int, failing: int) -> None:
         for i in range(count):
             unit = f"{int((low + (high - low) * (i + 0.5) / count) * 2**64):016x}"  # its hash position
             arms[arm].requests += 1
             arms[arm].errors += i < failing
             arms[arm].units.add(unit, i < failing, {})
 
-    users("canary", 0.0, 0.4, 800, 130)  # on the canary since 5 %: no new draw
-    users("canary", 0.4, 0.5, 191, 41)
-    users("stable", 0.5, 1.0, 965, 160)
-    error = check(verdict_on(arms, weight=0.5, min_requests=1, earlier=earlier), "error_rate")
+    def last_window(between: int, failing: int) -> MetricCheck:
+        arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
+        users(arms, "canary", 0.0, 0.4, 800, 130)  # on the canary since 5 %: no new draw
+        users(arms, "canary", 0.4, 0.5, between, failing)
+        users(arms, "stable", 0.5, 1.0, 965, 160)
+        return check(verdict_on(arms, weight=0.5, min_requests=1, earlier=earlier), "error_rate")
+
+    error = last_window(191, 41)
     assert error.stats.not_worse_e_value < error.stats.not_worse_threshold  # the conditioned product
     assert error.decision == "pass", error.reason
     assert "by this window's users alone" in error.reason
     assert error.stats.window_e_value >= error.stats.window_threshold
+    worse = last_window(191, 50)  # more of the canary's users fail: neither way shows it, and the reason says both
+    assert worse.decision == "wait" and "this window's users alone: e-value" in worse.reason, worse.reason
 
 
 def test_the_window_alone_rarely_certifies_a_canary_at_its_tolerance():
