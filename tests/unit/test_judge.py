@@ -17,6 +17,7 @@ from serve_canary.routing import RoutingTable
 HEALTH = HealthConfig()
 NO_TOLERANCE = HealthConfig(max_ttft_increase=1.0, max_latency_increase=1.0, max_itl_increase=1.0)
 ALPHA = 0.01
+SEVEN_STEPS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50)  # Argo's and Flagger's many small steps
 
 
 def traffic(
@@ -424,12 +425,12 @@ def test_users_who_come_back_at_each_weight_are_not_counted_as_fresh_draws():
     own salted hash. A user on the canary at 5 % is on it at every later weight, so counting
     it as a fresh draw in each window compounds one unlucky hash; conditioning on what the
     earlier weights tell keeps the error test's false rollbacks within its share of α."""
-    weights, users, trials = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50), 30, 1500
+    users, trials = 30, 1500
     alpha_share = ALPHA * next(spec.alpha_share for spec in METRICS if spec.name == "error_rate")
     rolled_back = 0
     for trial in range(trials):
         earlier: list[WindowEvidence] = []
-        for weight in weights:
+        for weight in SEVEN_STEPS:
             table = RoutingTable(1, "r", "w", f"salt-{trial}", weight, "v1", "v2", "p", "running")
             arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
             for user in range(users):
@@ -452,7 +453,7 @@ def _seven_steps(salt: str, users: int, stable_error: float, canary_error: float
     by the router's salted hash; the last window's error check, the earlier windows carried."""
     rng = random.Random(seed)
     earlier: list[WindowEvidence] = []
-    for weight in (0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50):
+    for weight in SEVEN_STEPS:
         table = RoutingTable(1, "r", "w", salt, weight, "v1", "v2", "p", "running")
         arms = {"stable": ArmAggregate(), "canary": ArmAggregate()}
         for user in range(users):
@@ -474,7 +475,7 @@ def test_users_who_came_back_at_every_weight_still_show_an_unchanged_canary_with
     counts = ((2, 42), (3, 34), (0, 31), (3, 36), (2, 44), (5, 28))
     earlier = [
         WindowEvidence(weight, {"error_rate/promotion": ((canary, stable, share),)})
-        for weight, (canary, stable), share in zip((0.05, 0.1, 0.15, 0.2, 0.3, 0.4), counts, shares, strict=True)
+        for weight, (canary, stable), share in zip(SEVEN_STEPS[:-1], counts, shares, strict=True)
     ]
 
     def users(arms: dict[str, ArmAggregate], arm: str, low: float, high: float, count: int, failing: int) -> None:
