@@ -323,13 +323,15 @@ def attempt_e_value(earlier: Sequence[Evidence], current: Evidence) -> float:
     return value
 
 
-def promotion_e_value(earlier: Sequence[Evidence], current: Evidence, tolerance: float, cap: float) -> float:
+def promotion_e_value(
+    earlier: Sequence[Evidence], current: Evidence, tolerance: float, unchanged: float, cap: float
+) -> float:
     """The promotion test's e-value: each closed window's factor capped at `cap` (so no single
     window, e.g. one in which stable alone had an incident, can certify the canary), times the
     current window's."""
-    value = not_worse_than_e_value(current, tolerance)
+    value = not_worse_than_e_value(current, tolerance, unchanged)
     for segments in earlier:
-        value *= min(not_worse_than_e_value(segments, tolerance), cap)
+        value *= min(not_worse_than_e_value(segments, tolerance, unchanged), cap)
     return value
 
 
@@ -373,7 +375,8 @@ def _compare(
         rollback = promotion = tuple((flagged(c), flagged(s), share) for c, s, share in strata)
         window = ((flagged(every_canary), flagged(every_stable), weight),)
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
-        shown_threshold_value, tolerance = None, allowed
+        # An unchanged canary flags users as often as stable does.
+        shown_threshold_value, tolerance, unchanged = None, allowed, min(1.0, allowed)
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
         load_sensitive = False
     else:
@@ -393,7 +396,9 @@ def _compare(
         level, scale = QUANTILES[quantile], 1.0 if measure == "tokens" else 1000.0
         samples = (stable.samples(measure).quantile(level), canary.samples(measure).quantile(level))
         shown = tuple(None if v is None else v * scale for v in samples)  # type: ignore[assignment]
-        shown_threshold_value, tolerance = threshold * scale, 1.0
+        # The canary's users are counted above `allowed`× stable's quantile and stable's above
+        # 1×, so an unchanged canary flags fewer; how many fewer depends on the tail.
+        shown_threshold_value, tolerance, unchanged = threshold * scale, 1.0, 2.0 / 3.0
         shown_threshold = f"{threshold:.0f} tokens" if measure == "tokens" else f"{threshold * scale:.1f} ms"
         if measure in ("ttft", "e2e"):
             shown_threshold += " from the replica's receipt"
@@ -405,12 +410,13 @@ def _compare(
         [w.segments[spec.name + PROMOTION] for w in earlier if spec.name + PROMOTION in w.segments],
         promotion,
         tolerance,
+        unchanged,
         cap=promotion_alpha**-0.5,
     )
     promotion_threshold, window_e, window_threshold = 1.0 / promotion_alpha, None, None
     if earlier and (canary.units.keyed or stable.units.keyed):
         promotion_threshold, window_threshold = _window_promotion(promotion_alpha, earlier, weight)
-        window_e = not_worse_than_e_value(window, tolerance)
+        window_e = not_worse_than_e_value(window, tolerance, unchanged)
     canary_units, stable_units = sum(c.units for c, _, _ in strata), sum(s.units for _, s, _ in strata)
     stats = UnitStats(
         e_value=e_value,

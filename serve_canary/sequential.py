@@ -76,11 +76,14 @@ def ratio_e_value(
     return math.exp(min(_logsumexp(log_terms), 700.0))
 
 
-def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float) -> float:
-    """E-value against "the canary's rate is at least `tolerance` × stable's"."""
-    # Most weight near 2/3 of the tolerance: where an unchanged canary sits at the default 1.5×.
+def not_worse_than_e_value(segments: Sequence[Segment], tolerance: float, unchanged: float) -> float:
+    """E-value against "the canary's rate is at least `tolerance` × stable's", mixed over
+    alternatives around `unchanged`: the ratio at which a canary that changed nothing sits,
+    which is what promotion most often has to show (a point alternative at the truth grows
+    fastest; the others cover a canary somewhat better or worse than that)."""
+    between = unchanged + 0.4 * (tolerance - unchanged)
     return ratio_e_value(
-        segments, tolerance, tuple(tolerance * f for f in (0.8, 2 / 3, 0.5, 0.25)), (0.2, 0.5, 0.25, 0.05)
+        segments, tolerance, (between, unchanged, 0.75 * unchanged, 0.375 * unchanged), (0.2, 0.5, 0.25, 0.05)
     )
 
 

@@ -335,6 +335,16 @@ def test_a_stable_incident_in_a_closed_window_cannot_certify_a_worse_canary():
     assert error.decision != "pass" and error.stats.not_worse_e_value < error.stats.not_worse_threshold
 
 
+def test_an_unchanged_canary_is_shown_within_a_tight_error_tolerance():
+    # 1 % errors on both arms, 40,000 requests each at weight 0.5, tolerance 1.2: the evidence
+    # against "1.2× worse" is counted where an unchanged canary sits (1×), not at a share of 1.2.
+    tight = HealthConfig(max_error_rate_increase=1.2)
+    arms = window({"requests": 40_000, "errors": 400}, {"requests": 40_000, "errors": 400})
+    error = check(verdict_on(arms, weight=0.5, health=tight), "error_rate")
+    assert error.decision == "pass", error.reason
+    assert error.stats.not_worse_e_value >= error.stats.not_worse_threshold
+
+
 def test_answers_all_alike_on_both_arms_can_still_be_shown_within_the_tolerance():
     arms = window({"requests": 2000, "spread": 0.0}, {"requests": 2000, "spread": 0.0})
     verdict = verdict_on(arms, weight=0.5)

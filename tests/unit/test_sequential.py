@@ -12,6 +12,7 @@ from serve_canary.sequential import (
     RHO_GRID,
     RHO_WEIGHTS,
     SHORTFALL_BETS,
+    not_worse_than_e_value,
     proportion_bounds,
     quantile_margin,
     ratio_e_value,
@@ -138,11 +139,26 @@ def test_e_process_across_phase_changes_keeps_its_false_alarm_rate():
     assert alarms / runs <= alpha
 
 
-def test_not_worse_than_e_value_grows_for_equal_arms_and_not_for_a_worse_canary():
-    from serve_canary.sequential import not_worse_than_e_value
+def test_not_worse_at_a_tight_tolerance_rarely_certifies_a_canary_sitting_at_it():
+    """A canary exactly 1.2× stable, tested against "at least 1.2× worse" with its alternatives
+    around an unchanged canary: looked at every 20 events, it is certified in at most α of runs."""
+    rng = np.random.default_rng(11)
+    alpha, runs, tolerance, share = 0.1, 300, 1.2, 0.5
+    theta = share_to_theta(tolerance, share)
+    certified = 0
+    for _ in range(runs):
+        from_canary = np.cumsum(rng.random(1200) < theta)
+        certified += any(
+            not_worse_than_e_value([(int(from_canary[n - 1]), n - int(from_canary[n - 1]), share)], tolerance, 1.0)
+            >= 1 / alpha
+            for n in range(20, 1201, 20)
+        )
+    assert certified / runs <= alpha
 
-    equal = not_worse_than_e_value([(50, 950, 0.05), (200, 800, 0.2)], 1.5)
-    worse = not_worse_than_e_value([(100, 950, 0.05), (400, 800, 0.2)], 1.5)
+
+def test_not_worse_than_e_value_grows_for_equal_arms_and_not_for_a_worse_canary():
+    equal = not_worse_than_e_value([(50, 950, 0.05), (200, 800, 0.2)], 1.5, 1.0)
+    worse = not_worse_than_e_value([(100, 950, 0.05), (400, 800, 0.2)], 1.5, 1.0)
     assert equal >= 10 and worse < 1
 
 
