@@ -379,13 +379,13 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=500, help="per scenario, for serve-canary's judge")
     parser.add_argument("--reference-rollouts", type=int, default=200, help="per scenario, for the other judges")
     parser.add_argument(
-        "--quick", action="store_true", help="10 rollouts per cell: checks the harness, not the figures"
+        "--quick", action="store_true", help="2 rollouts per cell: checks the harness, not the figures"
     )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
     jobs = [
-        (j, s, 10 if args.quick else args.rollouts if j == 0 else args.reference_rollouts)
+        (j, s, 2 if args.quick else args.rollouts if j == 0 else args.reference_rollouts)
         for j in range(len(make_judges()))
         for s in range(len(SCENARIOS))
         if j == 0 or not SCENARIOS[s].default_lengths  # the long plan is serve-canary's own
