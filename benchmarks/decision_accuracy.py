@@ -378,9 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=int, default=500, help="per scenario, for serve-canary's judge")
     parser.add_argument("--reference-rollouts", type=int, default=200, help="per scenario, for the other judges")
-    parser.add_argument(
-        "--quick", action="store_true", help="2 rollouts per cell: checks the harness, not the figures"
-    )
+    parser.add_argument("--quick", action="store_true", help="2 rollouts per cell: checks the harness, not the figures")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     started = time.time()
