@@ -49,7 +49,7 @@ class Answer:
     text: str
     finish_reason: str | None
     output_tokens: int
-    e2e_s: float
+    replica_e2e_s: float  # from the replica's receipt: a mirrored request's wait for it is load, not the model
     error: str | None = None  # why there is no answer (an error before or during it)
 
 
@@ -119,14 +119,18 @@ def error(pair: ShadowPair) -> Worse:
 
 
 def latency_over(allowed: float) -> Comparator:
-    """The answer that took more than `allowed` × the other's end-to-end time."""
+    """The answer that took more than `allowed` × the other's end-to-end time at the replica.
+
+    A mirrored request is sent when stable's answer is in, so it meets the load of that moment
+    and waits in other queues than the user's request did; as in the judge's comparisons, only
+    the time from the replica's receipt is compared."""
 
     def latency(pair: ShadowPair) -> Worse:
         if not _answered(pair):
             return None
-        if pair.canary.e2e_s > allowed * pair.stable.e2e_s:
+        if pair.canary.replica_e2e_s > allowed * pair.stable.replica_e2e_s:
             return "canary"
-        if pair.stable.e2e_s > allowed * pair.canary.e2e_s:
+        if pair.stable.replica_e2e_s > allowed * pair.canary.replica_e2e_s:
             return "stable"
         return None
 

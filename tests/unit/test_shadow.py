@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from serve_canary.config import CanaryConfig, ConfigError, HealthConfig, ShadowConfig, parse_config
 from serve_canary.judge import SHADOW_ALPHA_SHARE, judge_shadow
+from serve_canary.metrics import RequestRecord
 from serve_canary.sequential import net_rate_e_value
 from serve_canary.shadow import (
     Answer,
@@ -44,7 +45,7 @@ async def results(shadow_pair: ShadowPair, *names: str) -> dict[str, str]:
 async def test_built_in_comparators_name_the_worse_answer():
     empty, long, cut = answer(text="  "), answer(output_tokens=9), answer(finish_reason="length")
     refusal, failed = answer(text="I'm sorry, I can't help"), answer(text="", error="error: midstream")
-    slow = answer(e2e_s=0.1 * HEALTH.max_latency_increase + 0.01)
+    slow = answer(replica_e2e_s=0.1 * HEALTH.max_latency_increase + 0.01)
     names = ("empty_or_refusal", "length_ratio", "finish_reason", "exact_match")
     assert await results(pair(OK, empty), *names) == {
         "error": "same",
@@ -139,6 +140,35 @@ async def test_the_serving_path_captures_a_streams_whole_answer_only_when_asked(
     unary: list[tuple[str, Answer]] = []
     await _serve(chat(), unary)
     assert unary[0][1].text == whole.text
+
+
+async def test_a_mirrored_answer_is_timed_from_the_replicas_receipt_not_from_its_wait():
+    # The mirror reaches the canary's replica 0.3 s late (Serve's router holding it behind the
+    # load of the moment); the latency comparator must see the model's time, not that wait.
+    from serve_canary.serving import serve_request
+
+    captured: list[tuple[str, Answer]] = []
+    records: list[RequestRecord] = []
+    await serve_request(
+        "chat",
+        chat(),
+        "u",
+        table(0.0),
+        arms(canary_wait_s=0.3),
+        records.append,
+        request_id="shadow-r",
+        failover=False,
+        forced="canary",
+        origin="shadow",
+        capture=lambda arm, whole: captured.append((arm, whole)),
+    )
+    [(arm, mirrored)], [record] = captured, records
+    assert arm == "canary" and record.e2e_s >= 0.3
+    assert mirrored.replica_e2e_s < 0.1
+    assert await results(pair(answer(replica_e2e_s=mirrored.replica_e2e_s), mirrored)) == {
+        "error": "same",
+        "latency": "same",
+    }
 
 
 async def _serve(body, captured):
