@@ -376,7 +376,7 @@ def _compare(
         window = ((flagged(every_canary), flagged(every_stable), weight),)
         shown = (stable.error_rate, canary.error_rate) if spec.name == "error_rate" else (None, None)
         # An unchanged canary flags users as often as stable does.
-        shown_threshold_value, tolerance, unchanged = None, allowed, min(1.0, allowed)
+        shown_threshold_value, tolerance, unchanged = None, allowed, 1.0
         what = "users with " + spec.name.removesuffix("_rate").replace("_", " ") + "s"
         load_sensitive = False
     else:

@@ -62,6 +62,11 @@ class RequestRecord(NamedTuple):
     origin: Origin = "user"  # a tester's pick of arm, or a mirrored request: shown, never judged
     queue_s: float | None = None  # for a replica and in its engine's queue (in ttft_s and e2e_s); None: unknown
 
+    def from_receipt(self, seconds: float) -> float:
+        """`seconds` (this request's TTFT or end-to-end time) less its queueing: the model's
+        time, from the replica's receipt."""
+        return max(seconds - (self.queue_s or 0.0), 0.0)
+
 
 class Reservoir:
     """A uniform sample of at most `capacity` values from a stream (Vitter's algorithm R)."""
@@ -169,7 +174,7 @@ class ArmAggregate:
         for latency in ("ttft", "e2e"):  # users waited the queue too; the model's time starts at the replica
             if (value := latencies.get(latency)) is not None:
                 self.seen(latency).add(value)
-                latencies[latency] = max(value - (record.queue_s or 0.0), 0.0)
+                latencies[latency] = record.from_receipt(value)
         for latency, value in latencies.items():
             if value is not None:
                 self.samples(latency).add(value)

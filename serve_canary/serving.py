@@ -329,8 +329,7 @@ async def serve_request(
 
 def _answer(finished: RequestRecord, text: str, finish: str | None) -> Answer:
     error = None if finished.outcome in ("ok", "failover") else f"{finished.outcome}: {finished.error_kind}"
-    replica_e2e_s = max(finished.e2e_s - (finished.queue_s or 0.0), 0.0)
-    return Answer(text, finish, finished.output_tokens, replica_e2e_s, error)
+    return Answer(text, finish, finished.output_tokens, finished.from_receipt(finished.e2e_s), error)
 
 
 def _choice_text(choice: Any) -> str:

@@ -145,23 +145,10 @@ async def test_the_serving_path_captures_a_streams_whole_answer_only_when_asked(
 async def test_a_mirrored_answer_is_timed_from_the_replicas_receipt_not_from_its_wait():
     # The mirror reaches the canary's replica 0.3 s late (Serve's router holding it behind the
     # load of the moment); the latency comparator must see the model's time, not that wait.
-    from serve_canary.serving import serve_request
-
     captured: list[tuple[str, Answer]] = []
     records: list[RequestRecord] = []
-    await serve_request(
-        "chat",
-        chat(),
-        "u",
-        table(0.0),
-        arms(canary_wait_s=0.3),
-        records.append,
-        request_id="shadow-r",
-        failover=False,
-        forced="canary",
-        origin="shadow",
-        capture=lambda arm, whole: captured.append((arm, whole)),
-    )
+    endpoints = arms(canary_wait_s=0.3)
+    await _serve(chat(), captured, endpoints, records.append, failover=False, forced="canary", origin="shadow")
     [(arm, mirrored)], [record] = captured, records
     assert arm == "canary" and record.e2e_s >= 0.3
     assert mirrored.replica_e2e_s < 0.1
@@ -171,7 +158,9 @@ async def test_a_mirrored_answer_is_timed_from_the_replicas_receipt_not_from_its
     }
 
 
-async def _serve(body, captured):
+async def _serve(body, captured, endpoints=None, record=lambda record: None, failover=True, **options):
+    """`body` served as a user's request (or, with `forced` and `origin`, as a mirror) with
+    its whole answer captured."""
     from serve_canary.serving import serve_request
 
     return await serve_request(
@@ -179,11 +168,12 @@ async def _serve(body, captured):
         body,
         "u",
         table(0.0),
-        arms(),
-        lambda record: None,
+        endpoints or arms(),
+        record,
         request_id="r",
-        failover=True,
+        failover=failover,
         capture=lambda arm, whole: captured.append((arm, whole)),
+        **options,
     )
 
 
