@@ -45,7 +45,14 @@ def llm_config(model_id: str, path: Path) -> dict[str, Any]:
         "model_loading_config": {"model_id": model_id, "model_source": str(path)},
         "accelerator_config": {"kind": "cpu"},
         "placement_group_config": {"bundles": [{"CPU": 0.5}]},
-        "engine_kwargs": {"max_model_len": MAX_MODEL_LEN, "dtype": "float32", "max_num_seqs": MAX_NUM_SEQS},
+        # No torch.compile: building inductor's kernels on 2 cores is most of an engine's start,
+        # and these tests judge the serving path, not the engine's speed.
+        "engine_kwargs": {
+            "max_model_len": MAX_MODEL_LEN,
+            "dtype": "float32",
+            "max_num_seqs": MAX_NUM_SEQS,
+            "enforce_eager": True,
+        },
         "deployment_config": {"ray_actor_options": {"num_cpus": 0}, "health_check_timeout_s": 60},
         "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
     }
