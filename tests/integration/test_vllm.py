@@ -45,8 +45,8 @@ def llm_config(model_id: str, path: Path) -> dict[str, Any]:
         "model_loading_config": {"model_id": model_id, "model_source": str(path)},
         "accelerator_config": {"kind": "cpu"},
         "placement_group_config": {"bundles": [{"CPU": 0.5}]},
-        # No torch.compile: building inductor's kernels on 2 cores is most of an engine's start,
-        # and these tests judge the serving path, not the engine's speed.
+        # No torch.compile: building inductor's kernels took ~20 s of each engine's initialisation
+        # on 2 cores, and these tests judge the serving path, not the engine's speed.
         "engine_kwargs": {
             "max_model_len": MAX_MODEL_LEN,
             "dtype": "float32",
