@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, TypeAdapter
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_canary import feedback, shadow
@@ -36,7 +37,15 @@ from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError, parse_json, parse_request
 from serve_canary.rollout import Event, TransitionError
 from serve_canary.routing import ARMS, Arm, RoutingTable
-from serve_canary.serving import ArmEndpoint, FirstItemDeadline, Kind, Served, failure_message, serve_request
+from serve_canary.serving import (
+    ArmEndpoint,
+    FirstItemDeadline,
+    Kind,
+    ReplicaLost,
+    Served,
+    failure_message,
+    serve_request,
+)
 from serve_canary.shadow import Answer, PairOutcome, ShadowPair
 from serve_canary.status import ReplicaInfo, RolloutStatus
 
@@ -104,12 +113,15 @@ def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
 
 
 async def _cancel_on_close(response: DeploymentResponseGenerator[Any]) -> AsyncIterator[Any]:
-    """Relay a handle stream; closing it before the end cancels the call (and the generation)."""
+    """Relay a handle stream; closing it before the end cancels the call (and the generation).
+    The replica dying with the call is `ReplicaLost` to the serving path."""
     finished = False
     try:
         async for item in response:
             yield item
         finished = True
+    except RayActorError as exc:
+        raise ReplicaLost(failure_message(exc)) from exc
     finally:
         if not finished:
             response.cancel()  # type: ignore[no-untyped-call]  # Ray leaves it untyped

@@ -112,6 +112,11 @@ class FirstItemDeadline:
         return max(self.floor_s, self._smoothed + 4.0 * self._deviation)
 
 
+class ReplicaLost(Exception):
+    """The arm's replica died with the call before it answered. Nothing reached the client,
+    and another replica of the arm (or Serve's replacement for this one) can take the request."""
+
+
 def _error_of(item: Any) -> tuple[int, str] | None:
     """(status, message) when `item` is an `ErrorResponse` (vLLM's, Ray's or ours)."""
     error = getattr(item, "error", None)
@@ -152,8 +157,8 @@ class _Attempt:
     ) -> RequestRecord:
         """`engine_queue_s`: the wait in the engine's own queue, as the engine reported it."""
         now = self.clock()
-        if self.failed_over and outcome != "rejected":
-            outcome, error_kind = "failover", None
+        if self.failed_over and outcome in ("ok", "cancelled"):  # stable answered the canary's request
+            outcome = "failover"
         ttft = None if self.first_at is None else self.first_at - self.started
         queue = self.queue_s
         if engine_queue_s is not None and ttft is not None:  # within the time to the first item
@@ -263,7 +268,10 @@ async def serve_request(
     A canary that fails before its first item (an exception, or a 5xx `ErrorResponse`) is
     recorded as a canary error and, with `failover`, the request goes to stable; so is a
     canary that yields nothing within `canary_first_item_timeout_s` (no live replica, a hung
-    engine: error kind `unavailable`), so its users never stall behind it. A 4xx from an arm
+    engine: error kind `unavailable`), so its users never stall behind it. Any other arm whose
+    replica is lost with the call (`ReplicaLost`, also `unavailable`) is called once more:
+    Serve gives the call another replica, or holds it for the replacement, so a stable user
+    waits instead of getting a 502. A 4xx from an arm
     is the client's error: it is raised as such, never failed over, never held against the
     arm (recorded as `rejected`). A `forced` arm (a tester's pick) serves the request whatever
     the table says, without failover, and its record is marked with `origin` (a tester's pick,
@@ -277,7 +285,7 @@ async def serve_request(
     except ValidationError as exc:
         raise validation_error(exc) from None
     arm, unit = (forced, None) if forced is not None else table.route(key)
-    failed_over = False
+    failed_over = retried = False
     while True:
         endpoint = arms[arm]
         request = endpoint.request(kind, body, request_id, envelope.stream)
@@ -287,12 +295,14 @@ async def serve_request(
         stream = endpoint.open(kind, request)
         can_fail_over = arm == "canary" and failover and forced is None
         timeout_s = canary_first_item_timeout_s if can_fail_over else None
-        error_kind = "before_first_token"
+        error_kind, replica_lost = "before_first_token", False
         try:
             first = await asyncio.wait_for(anext(stream), timeout_s)
         except TimeoutError:
             failure: tuple[int, str] | None = (504, f"no first token within {timeout_s:g} s")
             error_kind = "unavailable"
+        except ReplicaLost as exc:
+            failure, error_kind, replica_lost = (502, str(exc)), "unavailable", True
         except Exception as exc:
             failure = (502, failure_message(exc))
         else:
@@ -310,6 +320,9 @@ async def serve_request(
         record(attempt.record("error", error_kind))
         if can_fail_over:
             arm, failed_over = "stable", True
+            continue
+        if replica_lost and not retried:
+            retried = True
             continue
         raise OpenAIError(
             502, f"model version {endpoint.version} failed before its first token: {message}", "server_error"

@@ -1,6 +1,7 @@
 """The findings of the reliability and security review, each as the behaviour a user relies
 on: nobody can force a rollback, no state file kills the controller, no input gets a 500, a
-silent canary does not stall its users, a restarted collector republishes the rollout."""
+silent canary does not stall its users, a lost stable replica costs its users no request, a
+restarted collector republishes the rollout."""
 
 from __future__ import annotations
 
@@ -244,3 +245,28 @@ def test_when_stable_is_as_slow_the_canary_is_waited_for_not_failed_over(deploy)
 
     wave("first")  # stable's first tokens are seen (canary requests may still fail over)
     assert "canary" in wave("second") + wave("third")
+
+
+def test_requests_on_a_lost_stable_replica_wait_for_its_replacement_instead_of_failing(deploy):
+    """Stable has nowhere to fail over to: a call its only replica took down with it is made
+    once more, and Serve holds it until the replacement runs. Before: a 502 for each."""
+    app = deploy(app_args(stable_engine={"ttft_ms": 2000}, rollout=HOLD))
+    app.admin("PUT", "weight", json={"weight": 0.0})
+    wait_for(lambda: app.chat(user="probe").json()["serve_canary"]["table_version"] >= 2, 10, "the new table")
+    [name] = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app.name}#stable#")
+    ]
+    replica = ray.get_actor(name, namespace="serve")
+    with httpx.Client(base_url=app.url, timeout=120.0) as http, ThreadPoolExecutor(4) as pool:
+        body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}]}
+        answers = [
+            pool.submit(http.post, "/v1/chat/completions", json=body, headers={"x-user-id": f"u{i}"}) for i in range(4)
+        ]
+        wait_for(lambda: ray.get(replica.get_num_ongoing_requests.remote()) == 4, 30, "4 requests at the replica")
+        ray.kill(replica, no_restart=True)
+        answered = [future.result() for future in answers]
+    assert [(r.status_code, r.headers.get("x-serve-canary-arm")) for r in answered] == [(200, "stable")] * 4
+    status = app.evaluations(2)
+    assert status["arms"]["stable"]["error_kinds"].get("unavailable", 0) == 4

@@ -14,7 +14,7 @@ from serve_canary.engines.simulated import SimulatedServer
 from serve_canary.metrics import RequestRecord
 from serve_canary.openai_api import OpenAIError
 from serve_canary.routing import Arm, RoutingTable
-from serve_canary.serving import ArmEndpoint, Kind, Served, serve_request
+from serve_canary.serving import ArmEndpoint, Kind, ReplicaLost, Served, serve_request
 
 MODELS: dict[Kind, Any] = {"chat": openai_api.ChatCompletionRequest, "completions": openai_api.CompletionRequest}
 FAST = {"ttft_ms": 5, "itl_ms": 2, "output_tokens": 6, "jitter": 0.0}
@@ -29,20 +29,28 @@ class Opened:
     for the replica's receipt stamp as the ingress does. `wait_s`: how long a call takes to
     reach the replica (Serve's router holding it while the arm's replicas are busy).
     `end_wait_s` and `lost_at_end`: the end of the stream, after its last item, arrives late
-    (a busy node) or not at all (the node is lost: Ray raises instead)."""
+    (a busy node) or not at all (the node is lost: Ray raises instead). `lost_calls`: the first
+    calls die with their replica before they answer."""
 
     def __init__(
-        self, server: SimulatedServer, wait_s: float = 0.0, end_wait_s: float = 0.0, lost_at_end: bool = False
+        self,
+        server: SimulatedServer,
+        wait_s: float = 0.0,
+        end_wait_s: float = 0.0,
+        lost_at_end: bool = False,
+        lost_calls: int = 0,
     ) -> None:
         self.server, self.calls, self.closed_early, self.wait_s = server, 0, 0, wait_s
-        self.end_wait_s, self.lost_at_end = end_wait_s, lost_at_end
+        self.end_wait_s, self.lost_at_end, self.lost_calls = end_wait_s, lost_at_end, lost_calls
 
     def __call__(self, kind: Kind, request: Any):
         self.calls += 1
-        return self._run(kind, request)
+        return self._run(kind, request, lost=self.calls <= self.lost_calls)
 
-    async def _run(self, kind: Kind, request: Any):
+    async def _run(self, kind: Kind, request: Any, lost: bool):
         await asyncio.sleep(self.wait_s)
+        if lost:
+            raise ReplicaLost("ActorUnavailableError: Actor is unavailable.")
         stream = getattr(self.server, kind)(request, stamp=True)
         finished = False
         try:
@@ -132,6 +140,54 @@ async def test_canary_failure_before_first_token_fails_over_and_is_held_against_
     assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
         ("canary", "error", "before_first_token"),
         ("stable", "failover", None),  # the canary's error, not a stable request
+    ]
+
+
+async def serve(endpoints: dict[Arm, ArmEndpoint], weight: float, records: list[RequestRecord]) -> Served:
+    return await serve_request(
+        "chat", chat(), "user-1", table(weight), endpoints, records.append, request_id="rid", failover=True
+    )
+
+
+async def test_when_stable_fails_the_canary_request_too_no_answer_is_recorded():
+    """Only an answer is a `failover`; stable's own failure is its error (and the client's 502)."""
+    records: list[RequestRecord] = []
+    with pytest.raises(OpenAIError) as failure:
+        await serve(arms(canary={"error_rate": 1.0}, stable={"error_rate": 1.0}), 1.0, records)
+    assert failure.value.status == 502
+    assert [(r.arm, r.outcome) for r in records] == [("canary", "error"), ("stable", "error")]
+
+
+async def test_a_stable_call_whose_replica_is_lost_is_made_once_more():
+    records: list[RequestRecord] = []
+    endpoints = arms(lost_calls=1)
+    served = await serve(endpoints, 0.0, records)
+    assert served.arm == "stable" and served.body is not None and endpoints["stable"].open.calls == 2
+    assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
+        ("stable", "error", "unavailable"),
+        ("stable", "ok", None),
+    ]
+
+
+async def test_a_replica_lost_twice_is_a_502_not_a_loop():
+    records: list[RequestRecord] = []
+    endpoints = arms(lost_calls=2)
+    with pytest.raises(OpenAIError) as failure:
+        await serve(endpoints, 0.0, records)
+    assert failure.value.status == 502 and "unavailable" in failure.value.message
+    assert endpoints["stable"].open.calls == 2
+
+
+async def test_a_lost_canary_replica_fails_over_to_stable_at_once():
+    records: list[RequestRecord] = []
+    endpoints = arms()
+    lost = Opened(SimulatedServer("model-v2", FAST), lost_calls=1)
+    endpoints["canary"] = ArmEndpoint("canary", "v2", "model-v2", MODELS, lost)
+    served = await serve(endpoints, 1.0, records)
+    assert served.arm == "stable" and lost.calls == 1
+    assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
+        ("canary", "error", "unavailable"),
+        ("stable", "failover", None),
     ]
 
 
