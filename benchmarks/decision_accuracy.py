@@ -81,6 +81,7 @@ class Scenario:
     stable_burst: tuple[int, int] | None = None  # intervals [a, b): stable errors at 30 %
     load_linked: float = 0.0  # latency × (1 + this × the arm's load), one replica per arm
     max_error_rate_increase: float | None = None  # serve-canary's tolerance, if not the default
+    max_error_rate: float | None = None  # serve-canary's absolute error limit, if not the default
     default_lengths: bool = False  # serve-canary's default phase lengths, not the short plan
     fine_steps: bool = False  # seven weights up to 50 % (`FINE_PHASES`), not three
 
@@ -127,12 +128,26 @@ SCENARIOS = (
         failing_users=30,
         fine_steps=True,
     ),
+    # The same users with stable inside its error limit (about 2.5 % of requests fail on
+    # either arm): the row above also waits whenever both arms are over the 1 % default.
+    Scenario(
+        "A/A, 7 steps, 2,000 sticky users, 30 always failing, max_error_rate 5 %",
+        users=2000,
+        user_spread=1.0,
+        failing_users=30,
+        fine_steps=True,
+        max_error_rate=0.05,
+    ),
 )
 
 
 def make_judges(scenario: Scenario | None = None) -> list:
-    tolerance = scenario.max_error_rate_increase if scenario is not None else None
-    health = HealthConfig() if tolerance is None else HealthConfig(max_error_rate_increase=tolerance)
+    limits = {
+        key: value
+        for key in ("max_error_rate_increase", "max_error_rate")
+        if scenario is not None and (value := getattr(scenario, key)) is not None
+    }
+    health = HealthConfig(**limits)
     baseline_p99_ms = E2E_MEDIAN_S * np.exp(2.326 * SIGMA) * 1000.0
     return [
         ServeCanaryJudge(health),
