@@ -331,7 +331,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument(
-        "--intervals", default=f"0,{DEFAULT_INTERVAL_MS:g}", help="stream_batching_interval_ms values, comma-separated"
+        "--intervals",
+        help=f"stream_batching_interval_ms values, comma-separated (default: 0,{DEFAULT_INTERVAL_MS:g}; "
+        f"the smoke run: {DEFAULT_INTERVAL_MS:g}, as each value redeploys the apps)",
     )
     parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
     parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated")
@@ -345,7 +347,8 @@ def main() -> None:
         try:
             if args.vllm:
                 return await run_vllm(port, (4,) if args.quick else (8, 32), trials)
-            intervals = tuple(float(ms) for ms in args.intervals.split(","))
+            given = args.intervals or (f"{DEFAULT_INTERVAL_MS:g}" if args.quick else f"0,{DEFAULT_INTERVAL_MS:g}")
+            intervals = tuple(float(ms) for ms in given.split(","))
             streams = (8,) if args.quick else tuple(int(n) for n in args.streams.split(","))
             return await run(port, streams, trials, intervals)
         finally:
