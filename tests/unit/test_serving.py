@@ -77,8 +77,11 @@ def arms(
     return made
 
 
-async def call(body: dict, weight: float = 0.0, failover: bool = True, kind: Kind = "chat", endpoints=None):
-    records: list[RequestRecord] = []
+async def call(
+    body: dict, weight: float = 0.0, failover: bool = True, kind: Kind = "chat", endpoints=None, records=None
+):
+    """Serve one request; `records`, if given, keeps what was recorded when the call raises."""
+    records = [] if records is None else records
     endpoints = endpoints or arms()
     served = await serve_request(
         kind, body, "user-1", table(weight), endpoints, records.append, request_id="rid", failover=failover
@@ -143,25 +146,18 @@ async def test_canary_failure_before_first_token_fails_over_and_is_held_against_
     ]
 
 
-async def serve(endpoints: dict[Arm, ArmEndpoint], weight: float, records: list[RequestRecord]) -> Served:
-    return await serve_request(
-        "chat", chat(), "user-1", table(weight), endpoints, records.append, request_id="rid", failover=True
-    )
-
-
 async def test_when_stable_fails_the_canary_request_too_no_answer_is_recorded():
     """Only an answer is a `failover`; stable's own failure is its error (and the client's 502)."""
     records: list[RequestRecord] = []
     with pytest.raises(OpenAIError) as failure:
-        await serve(arms(canary={"error_rate": 1.0}, stable={"error_rate": 1.0}), 1.0, records)
+        await call(chat(), 1.0, endpoints=arms(canary={"error_rate": 1.0}, stable={"error_rate": 1.0}), records=records)
     assert failure.value.status == 502
     assert [(r.arm, r.outcome) for r in records] == [("canary", "error"), ("stable", "error")]
 
 
 async def test_a_stable_call_whose_replica_is_lost_is_made_once_more():
-    records: list[RequestRecord] = []
     endpoints = arms(lost_calls=1)
-    served = await serve(endpoints, 0.0, records)
+    served, records = await call(chat(), endpoints=endpoints)
     assert served.arm == "stable" and served.body is not None and endpoints["stable"].open.calls == 2
     assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
         ("stable", "error", "unavailable"),
@@ -170,20 +166,18 @@ async def test_a_stable_call_whose_replica_is_lost_is_made_once_more():
 
 
 async def test_a_replica_lost_twice_is_a_502_not_a_loop():
-    records: list[RequestRecord] = []
     endpoints = arms(lost_calls=2)
     with pytest.raises(OpenAIError) as failure:
-        await serve(endpoints, 0.0, records)
+        await call(chat(), endpoints=endpoints)
     assert failure.value.status == 502 and "unavailable" in failure.value.message
     assert endpoints["stable"].open.calls == 2
 
 
 async def test_a_lost_canary_replica_fails_over_to_stable_at_once():
-    records: list[RequestRecord] = []
     endpoints = arms()
     lost = Opened(SimulatedServer("model-v2", FAST), lost_calls=1)
     endpoints["canary"] = ArmEndpoint("canary", "v2", "model-v2", MODELS, lost)
-    served = await serve(endpoints, 1.0, records)
+    served, records = await call(chat(), 1.0, endpoints=endpoints)
     assert served.arm == "stable" and lost.calls == 1
     assert [(r.arm, r.outcome, r.error_kind) for r in records] == [
         ("canary", "error", "unavailable"),
