@@ -44,6 +44,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from benchmarks.routing_overhead import start_local_serve
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
+from serve_canary.ingress import MAIN_LOOP_ENV
 
 RESULTS = Path(__file__).parent / "results"
 APP, MODEL = "chaos", "chaos-llm"
@@ -122,7 +123,11 @@ def deploy(port: int) -> None:
                     "import_path": "serve_canary.app:build_app",
                     "args": args,
                     "deployments": [
-                        {"name": "CanaryIngress", "num_replicas": 2, **zero_cpu},
+                        {
+                            "name": "CanaryIngress",
+                            "num_replicas": 2,
+                            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP_ENV}},
+                        },
                         {"name": "stable", **zero_cpu},
                         {"name": "canary", **zero_cpu},
                     ],

@@ -38,6 +38,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_canary.app import SIMULATED_DEPLOYMENT_OPTIONS
 from serve_canary.engines.simulated import SimulatedServer
+from serve_canary.ingress import MAIN_LOOP_ENV
 from serve_canary.openai_api import CompletionRequest
 from serve_canary.routing import RoutingTable
 
@@ -120,6 +121,8 @@ def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
         # A fixed 50 % split with no automation in the way, so both arms serve like the baseline.
         "rollout": {"interval_s": 3600, "phases": [{"name": "half", "weight": 0.5}, {"name": "full", "weight": 1.0}]},
     }
+    # Both ingresses on their replica's main loop, as serve-canary's own deployment asks.
+    ingress_options = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP_ENV}}}
     config = ServeDeploySchema.model_validate(
         {
             "http_options": {"host": "127.0.0.1", "port": port},
@@ -129,7 +132,10 @@ def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
                     "route_prefix": "/baseline",
                     "import_path": "benchmarks.routing_overhead:passthrough_app",
                     "args": {"engine_args": engine_args},
-                    "deployments": [{"name": "PassThroughIngress", "num_replicas": ingress_replicas}, *common],
+                    "deployments": [
+                        {"name": "PassThroughIngress", "num_replicas": ingress_replicas, **ingress_options},
+                        *common,
+                    ],
                 },
                 {
                     "name": "canary",
@@ -140,7 +146,7 @@ def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
                         {
                             "name": "CanaryIngress",
                             "num_replicas": ingress_replicas,
-                            "ray_actor_options": {"num_cpus": 0},
+                            **ingress_options,
                         },
                         *common,
                     ],

@@ -25,6 +25,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
+from serve_canary.ingress import MAIN_LOOP_ENV
 from serve_canary.metrics import ArmAggregate
 
 ADMIN_TOKEN = "test-admin-token"
@@ -192,10 +193,8 @@ def deploy_app(
     ingress: dict[str, Any] = {
         "name": "CanaryIngress",
         "num_replicas": ingress_replicas,
-        "ray_actor_options": {"num_cpus": 0},
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {**MAIN_LOOP_ENV, **(ingress_env or {})}}},
     }
-    if ingress_env is not None:
-        ingress["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
     arms = [
         {
             "name": arm,

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from serve_canary.config import ConfigError, parse_config
+from serve_canary.ingress import MAIN_LOOP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,11 +103,14 @@ def test_engine_args_of_each_arm_are_checked_with_their_key():
 
 
 @pytest.mark.parametrize("path", ["configs/local.yaml", "configs/canary.yaml", "configs/vllm-cpu.yaml"])
-def test_shipped_configs_are_valid(path):
+def test_shipped_configs_are_valid_and_keep_the_ingress_on_its_main_loop(path):
     document = yaml.safe_load((ROOT / path).read_text())
     for application in document["applications"]:
         config = parse_config(application["args"])
         assert config.stable.served_version != config.canary.served_version
+        # Their ray_actor_options replace the ingress deployment's own, runtime env included.
+        [ingress] = [d for d in application["deployments"] if d["name"] == "CanaryIngress"]
+        assert ingress["ray_actor_options"]["runtime_env"]["env_vars"] == MAIN_LOOP_ENV
 
 
 def test_local_config_starts_on_a_small_cpu_machine():
