@@ -43,8 +43,8 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from benchmarks.routing_overhead import start_local_serve
+from serve_canary.config import MAIN_LOOP_ENV
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
-from serve_canary.ingress import MAIN_LOOP_ENV
 
 RESULTS = Path(__file__).parent / "results"
 APP, MODEL = "chaos", "chaos-llm"

@@ -1,6 +1,6 @@
 """Does the ingress pay less per token on its replica's main loop? One run, one cluster:
 
-  main loop   CanaryIngress as serve-canary deploys it (`ingress.MAIN_LOOP_ENV`)
+  main loop   CanaryIngress as serve-canary deploys it (`config.MAIN_LOOP_ENV`)
   separate    the same ingress on Serve's defaults: its code and its handles' routers each
               on a loop of their own, so every relayed batch crosses threads
 
@@ -35,7 +35,7 @@ from ray.serve.schema import ServeDeploySchema
 from benchmarks.routing_overhead import MODEL, start_local_serve
 from benchmarks.streaming import ITL_MS, TOKENS, handle_trial
 from serve_canary.batching import DEFAULT_INTERVAL_MS
-from serve_canary.ingress import MAIN_LOOP_ENV
+from serve_canary.config import MAIN_LOOP_ENV
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"main_loop": {"runtime_env": {"env_vars": MAIN_LOOP_ENV}}, "separate": {}}

@@ -37,8 +37,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
 from serve_canary.app import SIMULATED_DEPLOYMENT_OPTIONS
+from serve_canary.config import MAIN_LOOP_ENV
 from serve_canary.engines.simulated import SimulatedServer
-from serve_canary.ingress import MAIN_LOOP_ENV
 from serve_canary.openai_api import CompletionRequest
 from serve_canary.routing import RoutingTable
 

@@ -14,6 +14,15 @@ from serve_canary.batching import DEFAULT_INTERVAL_MS
 
 ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"  # the admin bearer token, set on the cluster (and for `--url`)
 
+# Serve runs a replica's code on a thread of its own by default, so every streamed batch the
+# ingress relays crosses threads twice (in from the arm's router, out to the caller). The
+# ingress never blocks its loop, so it runs on the replica's main loop, with its handles'
+# routers there too: what Ray's throughput-optimized mode does, for that deployment only.
+# Serve reads these when it starts the replica, from the ingress deployment's runtime env; a
+# `ray_actor_options` given in a Serve config replaces the deployment's own, so serve-canary's
+# configs spell the variables out.
+MAIN_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 
 class ConfigError(ValueError):
     """A bad application argument; the message names each offending key."""

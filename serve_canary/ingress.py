@@ -30,7 +30,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_canary import feedback, shadow
-from serve_canary.config import ADMIN_TOKEN_ENV, ArmConfig, CanaryConfig, RequestLimits
+from serve_canary.config import ADMIN_TOKEN_ENV, MAIN_LOOP_ENV, ArmConfig, CanaryConfig, RequestLimits
 from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
 from serve_canary.metrics import RequestRecord
@@ -141,15 +141,6 @@ def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any]) -> ArmEn
 
 def _result(served: Served) -> dict[str, Any] | AsyncIterator[str]:
     return served.stream if served.stream is not None else served.body  # type: ignore[return-value]
-
-
-# Serve runs a replica's code on a thread of its own by default, so every streamed batch the
-# ingress relays crosses threads twice (in from the arm's router, out to the caller). The
-# ingress never blocks its loop, so it runs on the replica's main loop, with its handles'
-# routers there too: what Ray's throughput-optimized mode does, for this deployment only.
-# Serve reads these when it starts the replica; a `ray_actor_options` given in a config
-# replaces this one, so serve-canary's configs spell the variables out.
-MAIN_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 # Streams hold a slot for their whole length and cost the ingress little while they wait.

@@ -24,8 +24,8 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
+from serve_canary.config import MAIN_LOOP_ENV
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
-from serve_canary.ingress import MAIN_LOOP_ENV
 from serve_canary.metrics import ArmAggregate
 
 ADMIN_TOKEN = "test-admin-token"

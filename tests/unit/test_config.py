@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_canary.config import ConfigError, parse_config
-from serve_canary.ingress import MAIN_LOOP_ENV
+from serve_canary.config import MAIN_LOOP_ENV, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
