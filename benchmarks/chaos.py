@@ -42,8 +42,7 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
-from benchmarks.routing_overhead import start_local_serve
-from serve_canary.config import MAIN_LOOP_ENV
+from benchmarks.routing_overhead import ARMS, INGRESS_ACTOR_OPTIONS, start_local_serve
 from serve_canary.controller import NAMESPACE, collector_name, controller_name
 
 RESULTS = Path(__file__).parent / "results"
@@ -112,7 +111,6 @@ def deploy(port: int) -> None:
         },
         "canary_first_token_timeout_s": 1.0,
     }
-    zero_cpu = {"ray_actor_options": {"num_cpus": 0}}
     config = ServeDeploySchema.model_validate(
         {
             "http_options": {"host": "127.0.0.1", "port": port},
@@ -126,10 +124,9 @@ def deploy(port: int) -> None:
                         {
                             "name": "CanaryIngress",
                             "num_replicas": 2,
-                            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP_ENV}},
+                            "ray_actor_options": INGRESS_ACTOR_OPTIONS,
                         },
-                        {"name": "stable", **zero_cpu},
-                        {"name": "canary", **zero_cpu},
+                        *ARMS,
                     ],
                 }
             ],

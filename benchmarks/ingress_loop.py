@@ -5,7 +5,8 @@
               on a loop of their own, so every relayed batch crosses threads
 
 Both apps serve N streams of 256 tokens from the simulated engine at 10 ms per token, batched
-at the default interval, called by their Python handles; trials alternate which goes first.
+at the default interval, called by their Python handles; trials alternate which goes first
+(`streaming.rotated`).
 Per trial: the ingress replica's CPU seconds per 1,000 tokens, tokens/s, TTFT p50. At a load
 the machine keeps up with (32 streams on 2 cores) tokens/s is the offered rate on both, and
 the CPU figure is the cost of the relay.
@@ -23,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +32,23 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
-from benchmarks.routing_overhead import MODEL, start_local_serve
-from benchmarks.streaming import ITL_MS, TOKENS, handle_trial
+from benchmarks.routing_overhead import ARMS, INGRESS_ACTOR_OPTIONS, canary_args, start_local_serve
+from benchmarks.streaming import ITL_MS, TOKENS, Trial, handle_trial, rotated, stream_engine
 from serve_canary.batching import DEFAULT_INTERVAL_MS
-from serve_canary.config import MAIN_LOOP_ENV
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"main_loop": {"runtime_env": {"env_vars": MAIN_LOOP_ENV}}, "separate": {}}
+VARIANTS = {"main_loop": INGRESS_ACTOR_OPTIONS, "separate": {"num_cpus": 0}}
 
 
 def deploy(port: int) -> None:
-    engine = {"ttft_ms": 0, "itl_ms": ITL_MS, "jitter": 0, "output_tokens": TOKENS}
-    engine["stream_batching_interval_ms"] = DEFAULT_INTERVAL_MS
-    args = {
-        "model_name": MODEL,
-        "stable": {"version": "v1", "engine": "simulated", "engine_args": engine},
-        "canary": {"version": "v2", "engine": "simulated", "engine_args": engine},
-        "rollout": {"interval_s": 3600, "phases": [{"name": "half", "weight": 0.5}, {"name": "full", "weight": 1.0}]},
-    }
-    arms = [{"name": arm, "ray_actor_options": {"num_cpus": 0}} for arm in ("stable", "canary")]
+    args = canary_args(stream_engine(DEFAULT_INTERVAL_MS))
     applications = [
         {
             "name": name,
             "route_prefix": f"/{name}",
             "import_path": "serve_canary.app:build_app",
             "args": args,
-            "deployments": [{"name": "CanaryIngress", "ray_actor_options": {"num_cpus": 0, **options}}, *arms],
+            "deployments": [{"name": "CanaryIngress", "ray_actor_options": options}, *ARMS],
         }
         for name, options in VARIANTS.items()
     ]
@@ -68,18 +59,11 @@ def deploy(port: int) -> None:
 async def run(streams: int, trials: int) -> dict[str, Any]:
     for name in VARIANTS:  # warm-up
         await handle_trial(name, "completions", 4)
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    order = list(VARIANTS)
-    for trial in range(trials):
-        for name in order if trial % 2 == 0 else order[::-1]:
-            runs[name].append(await handle_trial(name, "completions", streams))
-    keys = ("ingress_cpu_s_per_1k_tokens", "tokens_per_s", "ttft_p50_ms")
-    return {
-        name: {
-            key: {"median": statistics.median(t[key] for t in done), "trials": [t[key] for t in done]} for key in keys
-        }
-        for name, done in runs.items()
-    }
+
+    def trial(name: str) -> Trial:
+        return lambda: handle_trial(name, "completions", streams)
+
+    return await rotated({name: trial(name) for name in VARIANTS}, trials)
 
 
 def main() -> None:
@@ -102,7 +86,7 @@ def main() -> None:
         results: dict[str, Any] = {"variants": asyncio.run(measure())}
     finally:
         ray.shutdown()
-    cpu = {name: v["ingress_cpu_s_per_1k_tokens"]["median"] for name, v in results["variants"].items()}
+    cpu = {name: v["ingress_cpu_s_per_1k_tokens"] for name, v in results["variants"].items()}
     results["cpu_main_loop_over_separate"] = cpu["main_loop"] / cpu["separate"]
     results["setup"] = {"streams": streams, "trials": trials, "itl_ms": ITL_MS, "tokens": TOKENS}
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}

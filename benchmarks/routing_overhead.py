@@ -109,20 +109,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
-    common = [
-        {"name": "stable", "ray_actor_options": {"num_cpus": 0}},
-        {"name": "canary", "ray_actor_options": {"num_cpus": 0}},
-    ]
-    canary_args = {
+# An ingress as serve-canary deploys it (on its replica's main loop), without a CPU of its own.
+INGRESS_ACTOR_OPTIONS = {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP_ENV}}
+ARMS = [{"name": arm, "ray_actor_options": {"num_cpus": 0}} for arm in ("stable", "canary")]
+
+
+def canary_args(engine_args: dict) -> dict:
+    """serve-canary at a fixed 50 % split with no automation in the way, so both arms serve
+    like the pass-through's."""
+    return {
         "model_name": MODEL,
         "stable": {"version": "v1", "engine": "simulated", "engine_args": engine_args},
         "canary": {"version": "v2", "engine": "simulated", "engine_args": engine_args},
-        # A fixed 50 % split with no automation in the way, so both arms serve like the baseline.
         "rollout": {"interval_s": 3600, "phases": [{"name": "half", "weight": 0.5}, {"name": "full", "weight": 1.0}]},
     }
-    # Both ingresses on their replica's main loop, as serve-canary's own deployment asks.
-    ingress_options = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP_ENV}}}
+
+
+def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
+    # Both ingresses on their replica's main loop, so the pass-through stays like for like.
+    ingress = {"num_replicas": ingress_replicas, "ray_actor_options": INGRESS_ACTOR_OPTIONS}
     config = ServeDeploySchema.model_validate(
         {
             "http_options": {"host": "127.0.0.1", "port": port},
@@ -133,23 +138,16 @@ def deploy(port: int, engine_args: dict, ingress_replicas: int = 1) -> None:
                     "import_path": "benchmarks.routing_overhead:passthrough_app",
                     "args": {"engine_args": engine_args},
                     "deployments": [
-                        {"name": "PassThroughIngress", "num_replicas": ingress_replicas, **ingress_options},
-                        *common,
+                        {"name": "PassThroughIngress", **ingress},
+                        *ARMS,
                     ],
                 },
                 {
                     "name": "canary",
                     "route_prefix": "/canary",
                     "import_path": "serve_canary.app:build_app",
-                    "args": canary_args,
-                    "deployments": [
-                        {
-                            "name": "CanaryIngress",
-                            "num_replicas": ingress_replicas,
-                            **ingress_options,
-                        },
-                        *common,
-                    ],
+                    "args": canary_args(engine_args),
+                    "deployments": [{"name": "CanaryIngress", **ingress}, *ARMS],
                 },
             ],
         }

@@ -166,12 +166,25 @@ async def direct_trial(streams: int, app: str = "baseline", request: Any = None)
     )
 
 
+def stream_engine(interval_ms: float) -> dict[str, float]:
+    """The simulated engine's args: `TOKENS` tokens at `ITL_MS`, batched at `interval_ms`."""
+    return {
+        "ttft_ms": 0,
+        "itl_ms": ITL_MS,
+        "jitter": 0,
+        "output_tokens": TOKENS,
+        "stream_batching_interval_ms": interval_ms,
+    }
+
+
 def _median(trials: list[dict]) -> dict:
     out: dict[str, Any] = {}
     for key in trials[0]:
         values = [t[key] for t in trials if t[key] is not None]
         out[key] = statistics.median(values) if values else None
     out["tokens_per_s_trials"] = [round(t["tokens_per_s"]) for t in trials]
+    cpu = [t["ingress_cpu_s_per_1k_tokens"] for t in trials if t["ingress_cpu_s_per_1k_tokens"] is not None]
+    out["ingress_cpu_s_per_1k_tokens_trials"] = cpu
     return out
 
 
@@ -225,14 +238,7 @@ async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals:
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(timeout=30.0) as http:  # for /metrics
         for interval in intervals:
-            engine = {
-                "ttft_ms": 0,
-                "itl_ms": ITL_MS,
-                "jitter": 0,
-                "output_tokens": TOKENS,
-                "stream_batching_interval_ms": interval,
-            }
-            await asyncio.to_thread(deploy, port, engine, 1)
+            await asyncio.to_thread(deploy, port, stream_engine(interval), 1)
             await http_trial_fresh(port, "baseline", 8)  # warm-up
             await http_trial_fresh(port, "canary", 8)
             label = "batching_off" if interval == 0 else f"batching_{interval:g}ms"
