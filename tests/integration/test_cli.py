@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ADMIN_TOKEN, app_args, operator_env, serve_canary_cli, wait_for
-from .test_serving import HOLD
+from .conftest import ADMIN_TOKEN, HOLD, app_args, operator_env, serve_canary_cli, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,7 @@ import pytest
 import ray
 from scipy.stats import binomtest
 
-from .conftest import app_args, free_port, wait_for
-from .test_serving import HOLD
+from .conftest import HOLD, app_args, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,7 @@ from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
 from serve_canary.controller import NAMESPACE, collector_name
 
-from .conftest import app_args, background_traffic, wait_for
-from .test_serving import HOLD
+from .conftest import HOLD, app_args, background_traffic, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,18 +56,25 @@ def test_an_anonymous_client_cannot_force_a_rollback_with_feedback(deploy):
     assert status["status"] == "paused" and status["arms"]["canary"]["hallucinations"] == 1
 
 
+def rating_sums(app) -> dict[str, float]:
+    """The exported sum of ratings, per series (arm and version)."""
+    lines = app.http.get("/metrics").text.splitlines()
+    series = (line.rsplit(" ", 1) for line in lines if line.startswith("serve_canary_feedback_rating_sum_total"))
+    return {labels: float(value) for labels, value in series}
+
+
 @pytest.mark.parametrize("rating", [-5, 6, "NaN", "Infinity", "1e999"])
-def test_a_bad_rating_is_a_400_and_changes_nothing(deploy, rating):
-    app = deploy(app_args(rollout=HOLD))
+def test_a_bad_rating_is_a_400_and_changes_nothing(held_app, rating):
+    app = held_app
+    before = rating_sums(app)
     body = app.chat(user="u").json()
     request_id, token = body["id"], body["serve_canary"]["feedback_token"]
     raw = f'{{"request_id": "{request_id}", "feedback_token": "{token}", "rating": {rating}}}'
     response = app.http.post("/-/canary/feedback", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "rating", response.text
     assert feedback(app, request_id, token, rating=4).status_code == 200  # the request can still be rated once
-    metrics = app.http.get("/metrics").text
-    sums = [line for line in metrics.splitlines() if line.startswith("serve_canary_feedback_rating_sum_total")]
-    assert [float(line.rsplit(" ", 1)[1]) for line in sums] == [4.0]
+    added = {labels: total - before.get(labels, 0.0) for labels, total in rating_sums(app).items()}
+    assert sorted(added.values()) == [0.0] * (len(added) - 1) + [4.0]
 
 
 class FileState:
@@ -167,8 +173,8 @@ BAD_BODIES = st.one_of(
 )
 
 
-def test_no_malformed_body_gets_a_5xx_on_any_post_route(deploy):
-    app = deploy(app_args(rollout=HOLD))
+def test_no_malformed_body_gets_a_5xx_on_any_post_route(held_app):
+    app = held_app
     statuses: dict[int, int] = {}
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -10,23 +10,13 @@ from openai import OpenAI
 
 from serve_canary.routing import RoutingTable
 
-from .conftest import ADMIN_TOKEN, OUTPUT_TOKENS, app_args, serve_canary_cli, wait_for
+from .conftest import ADMIN_TOKEN, HOLD, OUTPUT_TOKENS, app_args, serve_canary_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
-# Keep automation out of the way: the first phase cannot complete within these tests.
-HOLD = {
-    "interval_s": 0.5,
-    "auto_rollback": False,
-    "phases": [
-        {"name": "init", "weight": 0.05, "min_duration_s": 3600, "min_requests": 1},
-        {"name": "full", "weight": 1.0, "approval": True},
-    ],
-}
 
-
-def test_openai_client_gets_completions_with_arm_headers(deploy):
-    app = deploy(app_args(rollout=HOLD))
+def test_openai_client_gets_completions_with_arm_headers(held_app):
+    app = held_app
     client = OpenAI(base_url=f"{app.url}/v1", api_key="unused")
     raw = client.chat.completions.with_raw_response.create(
         model="test-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_headers={"x-user-id": "ada"}
@@ -54,8 +44,8 @@ def test_openai_client_gets_completions_with_arm_headers(deploy):
     assert [m.id for m in client.models.list()] == ["test-llm"]
 
 
-def test_sse_stream_ends_with_done_and_carries_headers(deploy):
-    app = deploy(app_args(rollout=HOLD))
+def test_sse_stream_ends_with_done_and_carries_headers(held_app):
+    app = held_app
     with app.http.stream(
         "POST",
         "/v1/completions",
@@ -71,8 +61,8 @@ def test_sse_stream_ends_with_done_and_carries_headers(deploy):
     assert all(chunk["object"] == "text_completion" and chunk["choices"] for chunk in chunks)
 
 
-def test_bad_requests_get_openai_error_bodies(deploy):
-    app = deploy(app_args(rollout=HOLD))
+def test_bad_requests_get_openai_error_bodies(held_app):
+    app = held_app
     missing = app.http.post("/v1/chat/completions", json={"model": "test-llm"})
     assert missing.status_code == 400
     assert missing.json()["error"]["param"] == "messages"
@@ -94,8 +84,8 @@ def test_fixed_user_always_gets_the_same_arm(deploy):
         assert len(arms) == 1, f"{user} saw {arms}"
 
 
-def test_handle_methods_return_openai_dicts_and_stream_chunks(deploy):
-    app = deploy(app_args(rollout=HOLD))
+def test_handle_methods_return_openai_dicts_and_stream_chunks(held_app):
+    app = held_app
     body = {"model": "test-llm", "messages": [{"role": "user", "content": "hi"}], "user": "ada"}
     response = app.handle.chat.remote(body).result()
     assert response["object"] == "chat.completion" and response["usage"]["completion_tokens"] == OUTPUT_TOKENS

@@ -16,8 +16,16 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from .conftest import ADMIN_TOKEN, app_args, background_traffic, free_port, operator_env, serve_canary_cli, wait_for
-from .test_serving import HOLD
+from .conftest import (
+    ADMIN_TOKEN,
+    HOLD,
+    app_args,
+    background_traffic,
+    free_port,
+    operator_env,
+    serve_canary_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 SCREENSHOT_DIR = os.environ.get("SERVE_CANARY_SCREENSHOT_DIR")  # set it to keep a screenshot of the page
