@@ -8,7 +8,8 @@
 Serve's HTTP proxy and an HTTP client on the same 2 cores. N concurrent streams of 256 tokens
 at a 10 ms inter-token gap (offered: N × 100 tokens/s), each with the model servers'
 `stream_batching_interval_ms` at 0 (one message per token) and at the default (`--intervals`
-compares others, e.g. `0,20,50`; 50 ms is Ray Serve LLM's default). Per path: tokens/s,
+compares others, e.g. `0,20,50`; 50 ms is Ray Serve LLM's default), batched streams within
+the replica's default message budget (`batching.StreamPacer`). Per path: tokens/s,
 client-side time to first token and gap between tokens (p50/p99), and the ingress
 replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
 
@@ -44,7 +45,7 @@ import ray
 from ray import serve
 
 from benchmarks.routing_overhead import MODEL, _arm_request, body, deploy, start_local_serve
-from serve_canary.batching import DEFAULT_INTERVAL_MS
+from serve_canary.batching import DEFAULT_INTERVAL_MS, DEFAULT_MESSAGES_PER_S
 
 RESULTS = Path(__file__).parent / "results"
 ITL_MS = 10
@@ -166,15 +167,24 @@ async def direct_trial(streams: int, app: str = "baseline", request: Any = None)
     )
 
 
-def stream_engine(interval_ms: float) -> dict[str, float]:
-    """The simulated engine's args: `TOKENS` tokens at `ITL_MS`, batched at `interval_ms`."""
+def stream_engine(interval_ms: float, messages_per_s: float = DEFAULT_MESSAGES_PER_S) -> dict[str, float]:
+    """The simulated engine's args: `TOKENS` tokens at `ITL_MS`, batched at `interval_ms` within
+    `messages_per_s` per replica."""
     return {
         "ttft_ms": 0,
         "itl_ms": ITL_MS,
         "jitter": 0,
         "output_tokens": TOKENS,
         "stream_batching_interval_ms": interval_ms,
+        "stream_batching_messages_per_s": messages_per_s,
     }
+
+
+def batching_label(interval_ms: float, messages_per_s: float) -> str:
+    if interval_ms == 0:
+        return "batching_off"
+    budget = "" if messages_per_s == DEFAULT_MESSAGES_PER_S else f"_{messages_per_s:g}_per_s"
+    return f"batching_{interval_ms:g}ms{budget}"
 
 
 def _median(trials: list[dict]) -> dict:
@@ -234,14 +244,17 @@ async def rotated(paths: dict[str, Trial], trials: int) -> dict[str, dict]:
     return {name: _median(r) for name, r in runs.items()}
 
 
-async def run(port: int, concurrencies: tuple[int, ...], trials: int, intervals: tuple[float, ...]) -> dict:
+async def run(
+    port: int, concurrencies: tuple[int, ...], trials: int, intervals: tuple[float, ...], budgets: tuple[float, ...]
+) -> dict:
     results: dict[str, Any] = {}
+    settings = [(interval, budget) for interval in intervals for budget in (budgets if interval else budgets[:1])]
     async with httpx.AsyncClient(timeout=30.0) as http:  # for /metrics
-        for interval in intervals:
-            await asyncio.to_thread(deploy, port, stream_engine(interval), 1)
+        for interval, budget in settings:
+            await asyncio.to_thread(deploy, port, stream_engine(interval, budget), 1)
             await http_trial_fresh(port, "baseline", 8)  # warm-up
             await http_trial_fresh(port, "canary", 8)
-            label = "batching_off" if interval == 0 else f"batching_{interval:g}ms"
+            label = batching_label(interval, budget)
             for streams in concurrencies:
                 medians = await rotated(simulated_paths(http, port, streams), trials)
                 direct = medians["direct"]["tokens_per_s"]
@@ -341,6 +354,11 @@ def main() -> None:
         help=f"stream_batching_interval_ms values, comma-separated (default: 0,{DEFAULT_INTERVAL_MS:g}; "
         f"the smoke run: {DEFAULT_INTERVAL_MS:g}, as each value redeploys the apps)",
     )
+    parser.add_argument(
+        "--budgets",
+        help=f"stream_batching_messages_per_s values, comma-separated (default: {DEFAULT_MESSAGES_PER_S:g}; "
+        "1e9 for no budget)",
+    )
     parser.add_argument("--vllm", action="store_true", help="real vLLM engines instead of the simulated one")
     parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated")
     args = parser.parse_args()
@@ -356,7 +374,8 @@ def main() -> None:
             given = args.intervals or (f"{DEFAULT_INTERVAL_MS:g}" if args.quick else f"0,{DEFAULT_INTERVAL_MS:g}")
             intervals = tuple(float(ms) for ms in given.split(","))
             streams = (8,) if args.quick else tuple(int(n) for n in args.streams.split(","))
-            return await run(port, streams, trials, intervals)
+            budgets = tuple(float(n) for n in (args.budgets or f"{DEFAULT_MESSAGES_PER_S:g}").split(","))
+            return await run(port, streams, trials, intervals, budgets)
         finally:
             await serve.shutdown_async()
 

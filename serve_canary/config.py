@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_canary.batching import DEFAULT_INTERVAL_MS
+from serve_canary.batching import DEFAULT_INTERVAL_MS, DEFAULT_MESSAGES_PER_S, StreamPacer
 
 ADMIN_TOKEN_ENV = "SERVE_CANARY_ADMIN_TOKEN"  # the admin bearer token, set on the cluster (and for `--url`)
 
@@ -32,8 +32,28 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SimulatedEngineArgs(_Schema):
+class StreamBatching(BaseModel):
+    """Stream batching of a model server (`batching`): the simulated engine's `engine_args`, or
+    the same keys in an `llm_config`'s `experimental_configs` (where Ray Serve LLM keeps its own
+    `stream_batching_interval_ms`, and keys of others are left alone)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0, description="0: every item alone")
+    stream_batching_messages_per_s: float = Field(
+        default=DEFAULT_MESSAGES_PER_S,
+        gt=0.0,
+        description="one replica's stream messages; with more open streams each one's interval widens",
+    )
+
+    def pacer(self) -> StreamPacer:
+        return StreamPacer(self.stream_batching_interval_ms, self.stream_batching_messages_per_s)
+
+
+class SimulatedEngineArgs(StreamBatching):
     """The simulated engine's knobs; times in milliseconds, rates in [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     ttft_ms: float = Field(default=50.0, ge=0.0)
     itl_ms: float = Field(default=10.0, ge=0.0)
@@ -48,7 +68,6 @@ class SimulatedEngineArgs(_Schema):
         default=0.0, ge=0.0, le=1.0, description="answer other words, for this share of prompts (the same ones)"
     )
     max_model_len: int = Field(default=4096, ge=2, description="prompt + max_tokens above this → 400, as vLLM")
-    stream_batching_interval_ms: float = Field(default=DEFAULT_INTERVAL_MS, ge=0.0)
     max_num_seqs: int | None = Field(
         default=None, ge=1, description="requests generated at once; more wait in the engine's queue, as vLLM's"
     )
@@ -76,6 +95,12 @@ class ArmConfig(_Schema):
             loading = self.llm_config.get("model_loading_config")
             if not isinstance(loading, dict) or not isinstance(loading.get("model_id"), str):
                 raise ValueError("llm_config.model_loading_config.model_id is required (the id this arm serves)")
+            try:
+                StreamBatching.model_validate(self.llm_config.get("experimental_configs") or {})
+            except ValidationError as error:
+                problem = error.errors()[0]
+                key = ".".join(("llm_config", "experimental_configs", *(str(part) for part in problem["loc"])))
+                raise ValueError(f"{key}: {problem['msg']}") from None
         elif self.version is None:
             raise ValueError("version is required for a simulated arm")
         return self

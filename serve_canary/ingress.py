@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_canary import feedback, shadow
+from serve_canary.batching import OpenStreams
 from serve_canary.config import ADMIN_TOKEN_ENV, MAIN_LOOP_ENV, ArmConfig, CanaryConfig, RequestLimits
 from serve_canary.controller import ControllerClient, start_actors
 from serve_canary.feedback import Attribution, FeedbackBody, RateLimit
@@ -112,9 +113,14 @@ def request_models(arm: ArmConfig) -> dict[Kind, type[BaseModel]]:
     return {"chat": openai_api.ChatCompletionRequest, "completions": openai_api.CompletionRequest}
 
 
-async def _cancel_on_close(response: DeploymentResponseGenerator[Any]) -> AsyncIterator[Any]:
-    """Relay a handle stream; closing it before the end cancels the call (and the generation).
-    The replica dying with the call is `ReplicaLost` to the serving path."""
+async def _cancel_on_close(
+    response: DeploymentResponseGenerator[Any], counted: OpenStreams | None
+) -> AsyncIterator[Any]:
+    """Relay a handle stream, counted in `counted` while open; closing it before the end cancels
+    the call (and the generation). The replica dying with the call is `ReplicaLost` to the
+    serving path."""
+    if counted is not None:
+        counted.count += 1
     finished = False
     try:
         async for item in response:
@@ -123,18 +129,25 @@ async def _cancel_on_close(response: DeploymentResponseGenerator[Any]) -> AsyncI
     except RayActorError as exc:
         raise ReplicaLost(failure_message(exc)) from exc
     finally:
+        if counted is not None:
+            counted.count -= 1
         if not finished:
             response.cancel()  # type: ignore[no-untyped-call]  # Ray leaves it untyped
 
 
-def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any]) -> ArmEndpoint:
+def _endpoint(name: Arm, arm: ArmConfig, handle: DeploymentHandle[Any], relayed: OpenStreams) -> ArmEndpoint:
     # By value over Serve's gRPC transport between replicas (what Ray's throughput-optimized
     # mode turns on): the ingress relays values and never needs an ObjectRef of an arm's
     # batch, and each batch then costs it about a third less CPU than as a Ray object.
     streaming = handle.options(stream=True, _by_reference=False)
 
     def open_call(kind: Kind, request: Any) -> AsyncIterator[Any]:
-        return _cancel_on_close(getattr(streaming, kind).remote(request, stamp=True))
+        """Call the arm; a stream is told how many streams this replica relays, its own
+        included, so that the arm batches them within its message budget (`batching`)."""
+        if not getattr(request, "stream", False):
+            return _cancel_on_close(getattr(streaming, kind).remote(request, stamp=True), None)
+        call = getattr(streaming, kind).remote(request, stamp=True, relayed_streams=relayed.count + 1)
+        return _cancel_on_close(call, relayed)
 
     return ArmEndpoint(name, arm.served_version, arm.model_id, request_models(arm), open_call)
 
@@ -151,9 +164,10 @@ class CanaryIngress:
         self, stable: DeploymentHandle[Any], canary: DeploymentHandle[Any], config: dict[str, Any]
     ) -> None:
         self._config = CanaryConfig.model_validate(config)
+        relayed = OpenStreams()
         self._arms: dict[Arm, ArmEndpoint] = {
-            "stable": _endpoint("stable", self._config.stable, stable),
-            "canary": _endpoint("canary", self._config.canary, canary),
+            "stable": _endpoint("stable", self._config.stable, stable, relayed),
+            "canary": _endpoint("canary", self._config.canary, canary, relayed),
         }
         context = serve.get_replica_context()
         self._replica_id = context.replica_id.unique_id

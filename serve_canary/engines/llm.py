@@ -2,7 +2,8 @@
 user's `LLMConfig`, with four changes a canary needs.
 
 - Stream batching with the first-item rule (`serve_canary.batching`): `LLMServer` holds even
-  the first token for its 50 ms interval, which a canary would report as slower TTFT.
+  the first token for its 50 ms interval, which a canary would report as slower TTFT. Its
+  streams share a message budget with the streams the ingress relays (`relayed_streams`).
 - Warm-up: the replica answers a completion and a chat before its constructor returns, so
   Serve never routes users to a cold engine (a cold engine's first requests take seconds and would be
   judged as a slow canary).
@@ -18,6 +19,8 @@ with an `llm_config`.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -27,7 +30,8 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
-from serve_canary.batching import DEFAULT_INTERVAL_MS, batched
+from serve_canary.batching import StreamPacer, batched
+from serve_canary.config import StreamBatching
 from serve_canary.stamps import stamped
 
 logger = logging.getLogger("serve_canary.engines.llm")
@@ -35,17 +39,32 @@ WARM_UP_PROMPT = "warm up"
 PER_REQUEST_METRICS = "enable_per_request_metrics"  # vLLM's engine argument
 
 
+# The streams the caller of the current request relays: `LLMServer` builds the request's
+# batched stream (`_batch_output_stream`) inside the call, in its context.
+_relayed_streams: contextvars.ContextVar[int] = contextvars.ContextVar("relayed_streams", default=0)
+
+
 class CanaryLLMServer(LLMServer):
     """`LLMServer` with first-item stream batching, warm-up, a receipt stamp and engine shutdown."""
 
-    async def chat(  # type: ignore[override]  # one keyword more than LLMServer's
-        self, request: ChatCompletionRequest, raw_request_info: Any = None, stamp: bool = False
+    async def chat(  # type: ignore[override]  # two keywords more than LLMServer's
+        self,
+        request: ChatCompletionRequest,
+        raw_request_info: Any = None,
+        stamp: bool = False,
+        relayed_streams: int = 0,
     ) -> AsyncIterator[Any]:
+        _relayed_streams.set(relayed_streams)
         return await self._maybe_stamped(super().chat(request, raw_request_info), stamp)
 
     async def completions(  # type: ignore[override]
-        self, request: CompletionRequest, raw_request_info: Any = None, stamp: bool = False
+        self,
+        request: CompletionRequest,
+        raw_request_info: Any = None,
+        stamp: bool = False,
+        relayed_streams: int = 0,
     ) -> AsyncIterator[Any]:
+        _relayed_streams.set(relayed_streams)
         return await self._maybe_stamped(super().completions(request, raw_request_info), stamp)
 
     @staticmethod
@@ -78,9 +97,12 @@ class CanaryLLMServer(LLMServer):
             if error is not None and (required or int(error.code) >= 500):
                 raise RuntimeError(f"warm-up generation of {model_id} failed: {error.message}")
 
+    @functools.cached_property
+    def _pacer(self) -> StreamPacer:
+        return StreamBatching.model_validate(self._llm_config.experimental_configs).pacer()
+
     def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncIterator[list[Any]]:  # type: ignore[override]
-        interval_ms = self._llm_config.experimental_configs.get("stream_batching_interval_ms", DEFAULT_INTERVAL_MS)
-        return batched(generator, float(interval_ms))
+        return batched(generator, self._pacer, _relayed_streams.get())
 
     async def running_requests(self) -> int:
         """Requests the engine is generating now (an aborted request is no longer counted)."""

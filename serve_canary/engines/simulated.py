@@ -164,22 +164,34 @@ class SimulatedServer:
 
     def __init__(self, model_id: str, engine_args: dict[str, Any]) -> None:
         self._engine = SimulatedEngine(model_id, SimulatedEngineArgs.model_validate(engine_args))
+        self._pacer = self._engine.args.pacer()
 
-    def _run(self, request: ChatCompletionRequest | CompletionRequest, stamp: bool) -> AsyncIterator[Any]:
-        """`stamp`: wrap the first item in `stamps.Stamped` (the ingress asks, to see queueing)."""
+    def _run(
+        self, request: ChatCompletionRequest | CompletionRequest, stamp: bool, relayed_streams: int
+    ) -> AsyncIterator[Any]:
+        """`stamp`: wrap the first item in `stamps.Stamped` (the ingress asks, to see queueing);
+        `relayed_streams`: the streams the caller relays now (`batching.batched`)."""
         items = self._engine.generate(request)
         if request.stream:
-            items = batched(items, self._engine.args.stream_batching_interval_ms)
+            items = batched(items, self._pacer, relayed_streams)
         return stamped(items) if stamp else items
 
     async def chat(
-        self, request: ChatCompletionRequest, raw_request_info: object = None, stamp: bool = False
+        self,
+        request: ChatCompletionRequest,
+        raw_request_info: object = None,
+        stamp: bool = False,
+        relayed_streams: int = 0,
     ) -> AsyncIterator[Any]:
-        async for item in self._run(request, stamp):
+        async for item in self._run(request, stamp, relayed_streams):
             yield item
 
     async def completions(
-        self, request: CompletionRequest, raw_request_info: object = None, stamp: bool = False
+        self,
+        request: CompletionRequest,
+        raw_request_info: object = None,
+        stamp: bool = False,
+        relayed_streams: int = 0,
     ) -> AsyncIterator[Any]:
-        async for item in self._run(request, stamp):
+        async for item in self._run(request, stamp, relayed_streams):
             yield item

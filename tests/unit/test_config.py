@@ -74,6 +74,21 @@ def test_defaults_are_the_seeds():
             "canary: give either `engine: simulated` (with engine_args) or an `llm_config`, not both or neither",
         ),
         ({"canary": {"engine": "simulated"}}, "canary: version is required for a simulated arm"),
+        (
+            {
+                "canary": {
+                    "llm_config": {
+                        "model_loading_config": {"model_id": "m"},
+                        "experimental_configs": {"stream_batching_messages_per_s": 0},
+                    }
+                }
+            },
+            "canary: llm_config.experimental_configs.stream_batching_messages_per_s: Input should be greater than 0",
+        ),
+        (
+            {"canary": {"version": "v2", "engine": "simulated", "engine_args": {"stream_batching_messages_per_s": -1}}},
+            "canary.engine_args.stream_batching_messages_per_s: Input should be greater than 0",
+        ),
         ({"state_store": "redis://x"}, "state_store: must be 'gcs' or 'file:///absolute/path', got 'redis://x'"),
         ({"rollout": {"interval_s": 0}}, "rollout.interval_s: Input should be greater than 0"),
         ({"health": {"max_error_rate": -0.1}}, "health.max_error_rate: Input should be greater than or equal to 0"),

@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binomtest
 
 from serve_canary.config import SimulatedEngineArgs
-from serve_canary.engines.simulated import SimulatedEngine
+from serve_canary.engines.simulated import SimulatedEngine, SimulatedServer
 from serve_canary.openai_api import ChatCompletionRequest, CompletionRequest, ErrorResponse
 
 
@@ -121,3 +121,16 @@ def test_fields_the_engine_cannot_honour_are_refused():
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function"}])
     with pytest.raises(ValueError, match="text"):
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": 123}]}])
+
+
+async def test_the_server_batches_a_stream_for_the_streams_its_caller_relays():
+    args = {"ttft_ms": 0, "itl_ms": 2, "jitter": 0.0, "output_tokens": 100, "stream_batching_interval_ms": 10}
+    server = SimulatedServer("m", {**args, "stream_batching_messages_per_s": 100})
+
+    async def batches(relayed_streams: int) -> int:
+        return len([b async for b in server.completions(completion(), relayed_streams=relayed_streams)])
+
+    # ~200 ms of tokens: ~20 batches at the 10 ms interval, ~5 when 10 streams share 100 a second.
+    alone, relayed = await batches(0), await batches(10)
+    assert alone >= 12
+    assert relayed <= 7
