@@ -33,8 +33,12 @@ def test_healthy_canary_walks_the_phases_and_waits_for_approval(deploy):
         assert status["status"] == "awaiting_approval", status["events"]
         assert status["canary_weight"] == 0.5 and status["phase"] == "progress"
         assert "approval" in status["waiting_for"]
-        gated = app.evaluations(3)  # more healthy verdicts must not cross the gate
-        assert gated["status"] == "awaiting_approval" and gated["last_verdict"]["decision"] == "pass"
+        # More verdicts must not cross the gate, nor fail the healthy canary. One may WAIT: a
+        # promotion e-value is a likelihood ratio, and on a healthy canary it can dip below its
+        # threshold at a later look (seen in 1 of 5 runs: "ttft_p95_ms: not yet shown within 1.5×").
+        gated = app.evaluations(3)
+        assert gated["status"] == "awaiting_approval", gated["events"]
+        assert gated["last_verdict"]["decision"] != "fail", gated["last_verdict"]
         approved = app.admin("POST", "approve")
         assert approved.status_code == 200, approved.text
         assert (approved.json()["status"], approved.json()["canary_weight"]) == ("complete", 1.0)
