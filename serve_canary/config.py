@@ -6,6 +6,7 @@ is allowed, so a typo in a Serve config file never reaches a replica.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,9 +99,8 @@ class ArmConfig(_Schema):
             try:
                 StreamBatching.model_validate(self.llm_config.get("experimental_configs") or {})
             except ValidationError as error:
-                problem = error.errors()[0]
-                key = ".".join(("llm_config", "experimental_configs", *(str(part) for part in problem["loc"])))
-                raise ValueError(f"{key}: {problem['msg']}") from None
+                lines = (_error_line(err, "llm_config.experimental_configs") for err in error.errors())
+                raise ValueError("; ".join(lines)) from None
         elif self.version is None:
             raise ValueError("version is required for a simulated arm")
         return self
@@ -391,10 +391,12 @@ def parse_config(args: dict[str, Any]) -> CanaryConfig:
 
 def format_errors(exc: ValidationError, prefix: str = "") -> str:
     """One line per error: dotted key, what is allowed, and what was given."""
-    lines = ["invalid serve-canary config:"]
-    for err in exc.errors():
-        key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "") or "(root)"
-        message = err["msg"].removeprefix("Value error, ")
-        given = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
-        lines.append(f"  {key}: {message}{given}")
-    return "\n".join(lines)
+    return "\n".join(["invalid serve-canary config:", *(f"  {_error_line(err, prefix)}" for err in exc.errors())])
+
+
+def _error_line(err: Mapping[str, Any], prefix: str) -> str:
+    """`dotted.key: what is allowed (got what was given)`."""
+    key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "") or "(root)"
+    message = err["msg"].removeprefix("Value error, ")
+    given = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
+    return f"{key}: {message}{given}"
