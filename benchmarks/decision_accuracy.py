@@ -10,8 +10,11 @@ enter serve-canary's own `ArmAggregate` and `UnitTally`, thresholds are fixed by
 
     python -m benchmarks.decision_accuracy            # 500 rollouts per scenario (~50 min)
     python -m benchmarks.decision_accuracy --quick    # a smoke run of the harness
+    python -m benchmarks.decision_accuracy --scenario "phase lengths"    # only those rows
 
-Writes benchmarks/results/decision_accuracy.{json,png} and prints the table.
+Writes benchmarks/results/decision_accuracy.{json,png} and prints the table. With
+`--scenario TEXT` (repeatable), only the scenarios whose names contain one of the texts run
+(same seeds as in a full run), and their cells replace those rows in the results file.
 """
 
 from __future__ import annotations
@@ -137,6 +140,18 @@ SCENARIOS = (
         failing_users=30,
         fine_steps=True,
         max_error_rate=0.05,
+    ),
+    # A tighter tolerance needs more evidence, as a smaller regression does: both at the
+    # default phase lengths, like "errors 1%→1.3%, default phase lengths".
+    Scenario(
+        "A/A, max_error_rate_increase 1.2, default phase lengths", max_error_rate_increase=1.2, default_lengths=True
+    ),
+    Scenario(
+        "errors 1%→1.3%, max_error_rate_increase 1.2, default phase lengths",
+        regression=True,
+        canary_error=0.013,
+        max_error_rate_increase=1.2,
+        default_lengths=True,
     ),
 )
 
@@ -395,12 +410,19 @@ def main() -> None:
     parser.add_argument("--reference-rollouts", type=int, default=200, help="per scenario, for the other judges")
     parser.add_argument("--quick", action="store_true", help="2 rollouts per cell: checks the harness, not the figures")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--scenario", action="append", help="run only the scenarios whose names contain this (repeatable), and merge"
+    )
     args = parser.parse_args()
     started = time.time()
+    wanted = args.scenario
+    chosen = [s for s, scenario in enumerate(SCENARIOS) if wanted is None or any(w in scenario.name for w in wanted)]
+    if not chosen:
+        parser.error(f"--scenario: no scenario's name contains any of {wanted}")
     jobs = [
         (j, s, 2 if args.quick else args.rollouts if j == 0 else args.reference_rollouts)
         for j in range(len(make_judges()))
-        for s in range(len(SCENARIOS))
+        for s in chosen
         if j == 0 or not SCENARIOS[s].default_lengths  # the long plan is serve-canary's own
     ]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -417,10 +439,16 @@ def main() -> None:
         "scenarios": [asdict(s) for s in SCENARIOS],
         "seconds": round(time.time() - started, 1),
     }
+    if wanted is not None:
+        rerun = [SCENARIOS[s].name for s in chosen]
+        earlier = json.loads((RESULTS / f"decision_accuracy{suffix}.json").read_text())
+        cells = [c for c in earlier["cells"] if c["scenario"] not in rerun] + cells
+        reruns = [*earlier["meta"].get("reruns", []), {"scenarios": rerun, "seconds": meta["seconds"]}]
+        meta = {**earlier["meta"], **meta, "seconds": earlier["meta"]["seconds"], "reruns": reruns}
     (RESULTS / f"decision_accuracy{suffix}.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=2))
     chart(cells, RESULTS / f"decision_accuracy{suffix}.png")
     print(table(cells))
-    print(f"\n{len(jobs)} cells in {meta['seconds']} s")
+    print(f"\n{len(jobs)} cells in {time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":
