@@ -10,8 +10,10 @@ at a 10 ms inter-token gap (offered: N × 100 tokens/s), each with the model ser
 `stream_batching_interval_ms` at 0 (one message per token) and at the default (`--intervals`
 compares others, e.g. `0,20,50`; 50 ms is Ray Serve LLM's default), batched streams within
 the replica's default message budget (`batching.StreamPacer`). Per path: tokens/s,
-client-side time to first token and gap between tokens (p50/p99), and the ingress
-replicas' CPU seconds per 1,000 tokens. Ratios are within this run.
+client-side time to first token and gap between tokens (p50/p99), and CPU seconds per 1,000
+tokens: the ingress replicas', this client's, and the whole machine's (with how busy its cores
+were: where they are all busy, a path's tokens/s is set by its CPU per token). Ratios are
+within this run.
 
     python -m benchmarks.streaming           # 64 and 256 streams, 3 trials (~10 min on 2 cores)
     python -m benchmarks.streaming --vllm    # real engines: tiny vLLM models, 8 and 32 streams
@@ -66,6 +68,12 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on anything but idling, since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 class Meter:
     """Client-side timing of many streams: arrival of each token event, per stream."""
 
@@ -86,16 +94,23 @@ class Meter:
             last = at
         self.tokens += sum(count for _, count in arrivals)
 
-    def summary(self, elapsed: float, cpu_s: float | None) -> dict[str, float | None]:
+    def summary(self, elapsed: float, cpu_s: dict[str, float | None]) -> dict[str, float | None]:
+        """`cpu_s`: CPU seconds during the trial of the ingress (None without one), the
+        client and the machine."""
         ttft = np.asarray(self.ttft) * 1000.0
         gaps = np.asarray(self.gaps or [0.0]) * 1000.0
+        per_1k = {
+            f"{part}_cpu_s_per_1k_tokens": None if seconds is None else seconds / self.tokens * 1000.0
+            for part, seconds in cpu_s.items()
+        }
         return {
             "tokens_per_s": self.tokens / elapsed,
             "ttft_p50_ms": float(np.percentile(ttft, 50)),
             "ttft_p99_ms": float(np.percentile(ttft, 99)),
             "itl_p50_ms": float(np.percentile(gaps, 50)),
             "itl_p99_ms": float(np.percentile(gaps, 99)),
-            "ingress_cpu_s_per_1k_tokens": None if cpu_s is None else cpu_s / self.tokens * 1000.0,
+            **per_1k,
+            "machine_busy": (cpu_s["machine"] or 0.0) / elapsed / (psutil.cpu_count() or 1),
         }
 
 
@@ -120,11 +135,14 @@ async def _measure(
                 arrivals.append((time.perf_counter(), tokens))
         meter.stream(started, arrivals)
 
-    cpu_before = _cpu_seconds(processes)
+    client = [psutil.Process()]
+    before = (_cpu_seconds(processes), _cpu_seconds(client), _machine_busy_seconds())
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(streams)))
     elapsed = time.perf_counter() - started
-    return meter.summary(elapsed, _cpu_seconds(processes) - cpu_before if app else None)
+    after = (_cpu_seconds(processes), _cpu_seconds(client), _machine_busy_seconds())
+    ingress, own, machine = (b - a for a, b in zip(before, after, strict=True))
+    return meter.summary(elapsed, {"ingress": ingress if app else None, "client": own, "machine": machine})
 
 
 async def http_trial(
@@ -193,8 +211,9 @@ def _median(trials: list[dict]) -> dict:
         values = [t[key] for t in trials if t[key] is not None]
         out[key] = statistics.median(values) if values else None
     out["tokens_per_s_trials"] = [round(t["tokens_per_s"]) for t in trials]
-    cpu = [t["ingress_cpu_s_per_1k_tokens"] for t in trials if t["ingress_cpu_s_per_1k_tokens"] is not None]
-    out["ingress_cpu_s_per_1k_tokens_trials"] = cpu
+    for part in ("ingress", "machine"):
+        key = f"{part}_cpu_s_per_1k_tokens"
+        out[f"{key}_trials"] = [t[key] for t in trials if t[key] is not None]
     return out
 
 
