@@ -94,23 +94,24 @@ class Meter:
             last = at
         self.tokens += sum(count for _, count in arrivals)
 
-    def summary(self, elapsed: float, cpu_s: dict[str, float | None]) -> dict[str, float | None]:
-        """`cpu_s`: CPU seconds during the trial of the ingress (None without one), the
-        client and the machine."""
+    def summary(
+        self, elapsed: float, ingress_cpu_s: float | None, client_cpu_s: float, machine_cpu_s: float
+    ) -> dict[str, float | None]:
+        """CPU seconds during the trial: of the ingress replicas (None without one), of this
+        client and of the whole machine."""
         ttft = np.asarray(self.ttft) * 1000.0
         gaps = np.asarray(self.gaps or [0.0]) * 1000.0
-        per_1k = {
-            f"{part}_cpu_s_per_1k_tokens": None if seconds is None else seconds / self.tokens * 1000.0
-            for part, seconds in cpu_s.items()
-        }
+        per_1k = 1000.0 / self.tokens
         return {
             "tokens_per_s": self.tokens / elapsed,
             "ttft_p50_ms": float(np.percentile(ttft, 50)),
             "ttft_p99_ms": float(np.percentile(ttft, 99)),
             "itl_p50_ms": float(np.percentile(gaps, 50)),
             "itl_p99_ms": float(np.percentile(gaps, 99)),
-            **per_1k,
-            "machine_busy": (cpu_s["machine"] or 0.0) / elapsed / (psutil.cpu_count() or 1),
+            "ingress_cpu_s_per_1k_tokens": None if ingress_cpu_s is None else ingress_cpu_s * per_1k,
+            "client_cpu_s_per_1k_tokens": client_cpu_s * per_1k,
+            "machine_cpu_s_per_1k_tokens": machine_cpu_s * per_1k,
+            "machine_busy": machine_cpu_s / elapsed / (psutil.cpu_count() or 1),
         }
 
 
@@ -142,7 +143,7 @@ async def _measure(
     elapsed = time.perf_counter() - started
     after = (_cpu_seconds(processes), _cpu_seconds(client), _machine_busy_seconds())
     ingress, own, machine = (b - a for a, b in zip(before, after, strict=True))
-    return meter.summary(elapsed, {"ingress": ingress if app else None, "client": own, "machine": machine})
+    return meter.summary(elapsed, ingress if app else None, own, machine)
 
 
 async def http_trial(
